@@ -1,0 +1,1 @@
+"""Model-hosting actors: the DeepSpeed policy trainer and the frozen reference."""

@@ -1,0 +1,72 @@
+"""Policy losses and loss aggregation, on per-token tensors [B, T]."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.algorithms.registry import Registry
+
+
+@dataclass(frozen=True)
+class PolicyLossOutput:
+    loss: torch.Tensor  # [B, T] per-token loss (unmasked; aggregate with the mask)
+    ratio: torch.Tensor  # [B, T] pi / pi_old
+    clipped: torch.Tensor  # [B, T] bool: the clipped branch was the active one
+
+
+POLICY_LOSSES: Registry = Registry("policy loss")
+
+
+@POLICY_LOSSES.register("ppo_clip")
+def ppo_clip(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+             clip_low: float, clip_high: float) -> PolicyLossOutput:
+    """PPO's clipped surrogate (Schulman et al. 2017), with separate low/high clip (DAPO's clip-higher).
+
+    loss_t = -min(ratio_t * A_t, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A_t),
+    ratio_t = exp(logp_t - old_logp_t). With clip_low == clip_high it is the paper's loss.
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
+    return PolicyLossOutput(loss=-torch.minimum(unclipped, clipped), ratio=ratio, clipped=clipped < unclipped)
+
+
+# Aggregation: loss = numerator(values, mask) / denominator(mask of the whole mini-batch).
+# The numerator is a sum over samples, so a mini-batch split into micro-batches and data-parallel
+# shards gives the same loss as the whole batch when every shard divides by the *global*
+# denominator and the shards' losses are summed (see tests/test_algorithms.py).
+@dataclass(frozen=True)
+class LossAggregation:
+    numerator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (values [B, T], mask [B, T]) -> scalar
+    denominator: Callable[[torch.Tensor, int], float]  # (mask [B, T], max_new_tokens) -> float, whole mini-batch
+
+
+LOSS_AGGREGATIONS: Registry = Registry("loss aggregation")
+
+
+def _register_agg(name: str, numerator, denominator) -> None:
+    LOSS_AGGREGATIONS.register(name)(LossAggregation(numerator, denominator))
+
+
+# token-mean: every trained token weighs the same (DAPO; TRL's "dapo").
+_register_agg("token-mean", lambda v, m: (v * m).sum(), lambda m, max_len: float(m.sum()))
+# seq-mean-token-sum: sum over a sample's tokens, mean over samples.
+_register_agg("seq-mean-token-sum", lambda v, m: (v * m).sum(), lambda m, max_len: float(m.shape[0]))
+# seq-mean-token-mean: mean over a sample's tokens, mean over samples (the GRPO paper).
+_register_agg("seq-mean-token-mean", lambda v, m: ((v * m).sum(-1) / m.sum(-1).clamp(min=1)).sum(),
+              lambda m, max_len: float(m.shape[0]))
+# seq-mean-token-sum-norm: token sum divided by a constant (Dr.GRPO): samples x generation budget.
+_register_agg("seq-mean-token-sum-norm", lambda v, m: (v * m).sum(), lambda m, max_len: float(m.shape[0] * max_len))
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, denominator: float) -> torch.Tensor:
+    """Sum this shard's share of the loss, divided by the whole mini-batch's denominator."""
+    return LOSS_AGGREGATIONS[mode].numerator(values, mask) / max(denominator, 1e-8)
+
+
+def loss_denominator(mask: torch.Tensor, mode: str, max_new_tokens: int) -> float:
+    """The denominator of `mode` for the whole mini-batch `mask` [B, T]."""
+    return LOSS_AGGREGATIONS[mode].denominator(mask, max_new_tokens)

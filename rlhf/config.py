@@ -1,0 +1,318 @@
+"""One typed config tree: loaded from YAML, overridden by `key.sub=value`, validated once.
+
+    cfg = load_config("configs/grpo_tiny.yaml", ["train.lr=1e-3", "rollout.temperature=0.8"])
+
+Every section is a frozen dataclass; the loader rejects unknown keys and values of the wrong
+type or outside their allowed set with a `ConfigError` that names the dotted key. Cross-field
+checks (batch sizes that must divide, resources that must exist) live in `RunConfig.validate`,
+which `load_config` calls once. Nothing mutates a config afterwards.
+
+Batch-size vocabulary (used everywhere, defined once):
+    prompts_per_step   prompts taken from the dataset per RL step
+    samples_per_prompt completions generated for each prompt (GRPO's group size G)
+    rollout batch      prompts_per_step * samples_per_prompt samples per RL step
+    mini_batch_size    samples per optimizer step, summed over all trainer ranks
+    micro_batch_size   samples per forward/backward on one trainer rank
+    => optimizer steps per RL step = ppo_epochs * rollout batch / mini_batch_size
+    => gradient accumulation steps = mini_batch_size / (micro_batch_size * trainer ranks)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # local directory or HF id of a causal LM with its tokenizer
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # a local .jsonl/.json/.parquet/.csv file, a local dataset dir, or an HF dataset id
+    split: str = "train"
+    prompt_key: str = "prompt"
+    apply_chat_template: bool = False
+    shuffle: bool = False  # in-order batches make reward curves repeatable (see README)
+    max_prompt_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_generators: int = 1  # vLLM engines, each its own Ray actor
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k
+    max_model_len: int = 512
+    enforce_eager: bool = True  # eager starts ~3x faster than compiled on CPU
+    kv_cache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
+    gpu_memory_utilization: float = 0.5
+
+
+@dataclass(frozen=True)
+class RewardFnConfig:
+    fn: str = ""  # "pkg.module:function" or "path/to/file.py:function"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    functions: tuple[RewardFnConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    advantage: str = "grpo"  # name in rlhf.algorithms.ADVANTAGE_ESTIMATORS
+    policy_loss: str = "ppo_clip"  # name in rlhf.algorithms.POLICY_LOSSES
+    loss_agg: str = "token-mean"  # name in rlhf.algorithms.LOSS_AGGREGATIONS
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2
+    kl_coef: float = 0.0  # > 0 adds kl_coef * KL(policy || reference) to the loss
+    kl_estimator: str = "k3"  # name in rlhf.algorithms.KL_ESTIMATORS
+    ppo_epochs: int = 1
+    std_eps: float = 1e-6  # added to the group std in GRPO's normalisation
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    ranks: int = 1  # DeepSpeed data-parallel ranks, each a Ray actor
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    mini_batch_size: int = 32
+    micro_batch_size: int = 8
+    threads: int = 0  # torch intra-op threads per rank; 0 = the Ray CPUs of the actor
+
+
+@dataclass(frozen=True)
+class WeightSyncConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    bucket_mb: float = 64.0
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    generator_cpus: float = 1.0
+    trainer_cpus: float = 1.0
+    reference_cpus: float = 0.0
+    generator_gpus: float = 1.0  # used only on cuda
+    trainer_gpus: float = 1.0
+    reference_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    output_dir: str = "runs"
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "rlhf"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 1
+    steps: int = 30
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def rollout_batch_size(self) -> int:
+        return self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.mini_batch_size // (self.train.micro_batch_size * self.train.ranks)
+
+    def validate(self) -> RunConfig:
+        from rlhf import algorithms
+
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(bool(self.model.path), "model.path", "is required")
+        need(bool(self.data.path), "data.path", "is required")
+        need(len(self.reward.functions) > 0, "reward.functions", "needs at least one reward function")
+        for i, r in enumerate(self.reward.functions):
+            need(":" in r.fn, f"reward.functions.{i}.fn", f"{r.fn!r} must look like 'pkg.mod:fn' or 'file.py:fn'")
+        need(self.steps > 0, "steps", "must be > 0")
+        for key in ("num_generators", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "kv_cache_gb"):
+            need(getattr(self.rollout, key) > 0, f"rollout.{key}", "must be > 0")
+        need(self.rollout.temperature > 0, "rollout.temperature", "must be > 0 (greedy rollouts give GRPO no signal)")
+        need(0 < self.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        need(self.train.ranks > 0, "train.ranks", "must be > 0")
+        need(self.train.lr > 0, "train.lr", "must be > 0")
+        need(self.train.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
+        per_step = self.train.micro_batch_size * self.train.ranks
+        need(self.train.mini_batch_size % per_step == 0, "train.mini_batch_size",
+             f"{self.train.mini_batch_size} must be a multiple of micro_batch_size * ranks = {per_step}")
+        need(self.rollout_batch_size % self.train.mini_batch_size == 0, "train.mini_batch_size",
+             f"{self.train.mini_batch_size} must divide the rollout batch "
+             f"(prompts_per_step * samples_per_prompt = {self.rollout_batch_size})")
+        need(self.algorithm.ppo_epochs > 0, "algorithm.ppo_epochs", "must be > 0")
+        need(self.algorithm.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+        need(0 <= self.algorithm.clip_low < 1, "algorithm.clip_low", "must be in [0, 1)")
+        need(self.algorithm.clip_high >= 0, "algorithm.clip_high", "must be >= 0")
+        for key, registry in (("advantage", algorithms.ADVANTAGE_ESTIMATORS),
+                              ("policy_loss", algorithms.POLICY_LOSSES),
+                              ("loss_agg", algorithms.LOSS_AGGREGATIONS),
+                              ("kl_estimator", algorithms.KL_ESTIMATORS)):
+            name = getattr(self.algorithm, key)
+            need(name in registry, f"algorithm.{key}", f"unknown {name!r}; choose one of {sorted(registry)}")
+        need(self.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be > 0")
+        need(self.weight_sync.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read YAML (if given), apply `key.sub=value` overrides, build and validate the tree."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return from_dict(RunConfig, data).validate()
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in nested dicts; a numeric part indexes a list (`reward.functions.0.weight=2`)."""
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        child = _get(node, part, key)
+        if child is None:
+            child = {}
+            _assign(node, part, child, key)
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
+        node = child
+    _assign(node, parts[-1], value, key)
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{key}: {part!r} is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def _get(node: Any, part: str, key: str) -> Any:
+    return node[_list_index(node, part, key)] if isinstance(node, list) else node.get(part)
+
+
+def _assign(node: Any, part: str, value: Any, key: str) -> None:
+    if isinstance(node, list):
+        node[_list_index(node, part, key)] = value
+    else:
+        node[part] = value
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from plain data, checking every key and value against the field types."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; known keys: {sorted(fields)}"
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}.{i}") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(t, v, f"{key}.{i}") for i, (t, v) in enumerate(zip(args, value)))
+    if origin in (typing.Union, types.UnionType):
+        for t in args:
+            try:
+                return _coerce(t, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp}")  # a bug in this file, not in the YAML

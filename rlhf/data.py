@@ -1,0 +1,92 @@
+"""Prompts from an HF `datasets` source: a local file (.jsonl/.json/.parquet/.csv), a directory
+saved with `save_to_disk`, or a hub dataset id. Batches come out in order (or shuffled per epoch)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import ConfigError, DataConfig
+from rlhf.types import Prompt
+
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_prompt_dataset(cfg: DataConfig) -> Any:
+    import datasets
+
+    path = Path(cfg.path).expanduser()
+    if path.is_file():
+        fmt = FILE_FORMATS.get(path.suffix)
+        if fmt is None:
+            raise ConfigError(f"data.path: {path} has suffix {path.suffix!r}; expected one of {sorted(FILE_FORMATS)}")
+        ds = datasets.load_dataset(fmt, data_files=str(path), split=cfg.split)
+    elif path.is_dir() and (path / "dataset_info.json").exists():
+        ds = datasets.load_from_disk(str(path))
+    elif path.exists():
+        ds = datasets.load_dataset(str(path), split=cfg.split)  # a directory of data files
+    else:
+        ds = datasets.load_dataset(cfg.path, split=cfg.split)  # an HF hub id
+    if cfg.prompt_key not in ds.column_names:
+        raise ConfigError(f"data.prompt_key: column {cfg.prompt_key!r} not in {cfg.path} "
+                          f"(columns: {ds.column_names})")
+    if len(ds) == 0:
+        raise ConfigError(f"data.path: {cfg.path} has no rows")
+    return ds
+
+
+class PromptLoader:
+    """Tokenizes rows on demand and hands out batches, wrapping around epochs.
+
+    Prompts longer than max_prompt_tokens are skipped and counted in `skipped_too_long`.
+    """
+
+    def __init__(self, dataset: Any, tokenizer: Any, cfg: DataConfig, seed: int):
+        self.dataset, self.tokenizer, self.cfg = dataset, tokenizer, cfg
+        self.rng = random.Random(seed)
+        self.epoch = 0
+        self.position = 0
+        self.order = self._order()
+        self.skipped_too_long = 0
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.dataset)))
+        if self.cfg.shuffle:
+            self.rng.shuffle(order)
+        return order
+
+    def next_batch(self, n: int) -> list[Prompt]:
+        batch: list[Prompt] = []
+        scanned = 0
+        while len(batch) < n:
+            if self.position == len(self.order):
+                self.epoch, self.position, self.order = self.epoch + 1, 0, self._order()
+            index = self.order[self.position]
+            self.position += 1
+            scanned += 1
+            prompt = self._prompt(index)
+            if prompt is None:
+                self.skipped_too_long += 1
+                if scanned > len(self.order) and not batch:
+                    raise ConfigError(f"data.max_prompt_tokens: every prompt of {self.cfg.path} is longer "
+                                      f"than {self.cfg.max_prompt_tokens} tokens")
+                continue
+            batch.append(prompt)
+        return batch
+
+    def _prompt(self, index: int) -> Prompt | None:
+        row = dict(self.dataset[index])
+        text = row.pop(self.cfg.prompt_key)
+        if self.cfg.apply_chat_template:
+            messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            text = self.tokenizer.decode(ids)
+        else:
+            if not isinstance(text, str):
+                raise ConfigError(f"data.prompt_key: row {index} has a {type(text).__name__} prompt; "
+                                  f"set data.apply_chat_template=true for chat messages")
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(ids) > self.cfg.max_prompt_tokens:
+            return None
+        return Prompt(index=index, text=text, ids=list(ids), row=row)

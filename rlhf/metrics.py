@@ -1,0 +1,90 @@
+"""The run directory and everything a run reports: console lines, metrics.jsonl, summary.json, wandb."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf.config import RunConfig
+
+CONSOLE = [  # (metric key, label, format) for the one-line-per-step console output
+    ("reward/mean", "reward", "{:.3f}"),
+    ("kl/ref", "kl", "{:.4f}"),
+    ("loss/policy", "loss", "{:+.4f}"),
+    ("sync/logprob_gap", "gap", "{:.1e}"),
+    ("timing/generate_s", "gen", "{:.2f}s"),
+    ("timing/reward_s", "rew", "{:.2f}s"),
+    ("timing/logprobs_s", "lp", "{:.2f}s"),
+    ("timing/train_s", "train", "{:.2f}s"),
+    ("timing/sync_s", "sync", "{:.2f}s"),
+]
+
+
+class RunLog:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.dir = Path(cfg.logging.output_dir).expanduser().resolve() / f"{cfg.name}-{stamp}-{os.getpid()}"
+        self.dir.mkdir(parents=True, exist_ok=False)
+        (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self._metrics = open(self.dir / "metrics.jsonl", "a")
+        self.rows: list[dict[str, Any]] = []
+        self.t0 = time.time()
+        self.wandb = self._init_wandb()
+        print(f"run directory: {self.dir}", flush=True)
+
+    def _init_wandb(self) -> Any:
+        mode = self.cfg.logging.wandb
+        if mode == "disabled":
+            return None
+        import wandb
+
+        # Offline runs land in the run directory; `wandb sync <dir>/wandb/offline-run-*` uploads them.
+        # The API key comes from the environment or ~/.netrc and is never written here.
+        return wandb.init(project=self.cfg.logging.wandb_project, name=self.dir.name, dir=str(self.dir),
+                          mode=mode, config=self.cfg.to_dict(), reinit="finish_previous")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self.rows.append(row)
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        parts = [f"step {step}/{self.cfg.steps}"]
+        parts += [f"{label} {fmt.format(metrics[k])}" for k, label, fmt in CONSOLE if k in metrics]
+        print(" | ".join(parts), flush=True)
+
+    def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        wall = time.time() - self.t0
+        rewards = [r["reward/mean"] for r in self.rows]
+        k = min(5, len(rewards))
+        samples = sum(r.get("rollout/samples", 0) for r in self.rows)
+        summary = {
+            "steps": len(self.rows),
+            "reward_first5_mean": sum(rewards[:k]) / k if k else math.nan,
+            "reward_last5_mean": sum(rewards[-k:]) / k if k else math.nan,
+            "wall_s": wall,
+            "samples_per_s": samples / wall if wall > 0 else math.nan,
+            "run_dir": str(self.dir),
+            **extra,
+        }
+        summary["reward_gain"] = summary["reward_last5_mean"] - summary["reward_first5_mean"]
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self._metrics.close()
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            self.wandb.finish()
+        print("summary: " + json.dumps(summary), flush=True)
+        print(f"run directory: {self.dir}", flush=True)
+        return summary
+
+
+def _jsonable(v: Any) -> Any:
+    return float(v) if hasattr(v, "item") else v

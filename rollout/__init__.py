@@ -1,0 +1,1 @@
+"""Rollouts: the vLLM generator actor."""

@@ -1,0 +1,91 @@
+"""The rollout generator: a Ray actor hosting one vLLM engine.
+
+It turns prompts into groups of samples_per_prompt completions with token ids and the per-token
+log-probs of the sampled tokens, stamped with the policy version its weights come from. Weights
+arrive through the weight-sync group (weight_sync.vllm_worker), never through disk.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from rlhf.config import RunConfig
+from rlhf.types import Prompt, Sample, SampleGroup
+
+WORKER_EXTENSION = "weight_sync.vllm_worker.WeightSyncWorker"
+
+
+def generator_env(cfg: RunConfig, device: str) -> dict[str, str]:
+    """Environment for the actor's process, set before vLLM is imported."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gb)  # else vLLM asks for ~92% of a node
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in the actor's process: starts ~2x faster
+    return env
+
+
+@ray.remote
+class Generator:
+    def __init__(self, index: int, cfg: RunConfig, device: str):
+        from vllm import LLM
+
+        self.index = index
+        self.cfg = cfg
+        self.llm = LLM(
+            model=cfg.model.path,
+            dtype=cfg.model.dtype,
+            seed=cfg.seed + index,
+            max_model_len=cfg.rollout.max_model_len,
+            enforce_eager=cfg.rollout.enforce_eager,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            trust_remote_code=cfg.model.trust_remote_code,
+            worker_extension_cls=WORKER_EXTENSION,
+            # Log-probs after temperature scaling, i.e. of the distribution the tokens were drawn
+            # from; the trainer divides its logits by the same temperature.
+            logprobs_mode="processed_logprobs",
+        )
+        self.version = 0
+
+    def generate(self, prompts: list[Prompt], seed: int) -> list[SampleGroup]:
+        from vllm import SamplingParams
+
+        r = self.cfg.rollout
+        params = [SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                 max_tokens=r.max_new_tokens, logprobs=0, seed=seed + p.index)
+                  for p in prompts]
+        outputs = self.llm.generate([{"prompt_token_ids": p.ids} for p in prompts], params, use_tqdm=False)
+        groups = []
+        for prompt, out in zip(prompts, outputs, strict=True):
+            samples = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                logprobs = [step[tok].logprob for tok, step in zip(ids, c.logprobs, strict=True)]
+                samples.append(Sample(prompt=prompt, completion_ids=ids, rollout_logprobs=logprobs, text=c.text,
+                                      truncated=c.finish_reason == "length", policy_version=self.version,
+                                      generator=self.index))
+            groups.append(SampleGroup(prompt=prompt, samples=samples))
+        return groups
+
+    def num_workers(self) -> int:
+        return self.llm.llm_engine.vllm_config.parallel_config.world_size
+
+    def init_weight_sync(self, endpoint, world_size: int, rank_offset: int, params: list, bucket_bytes: int) -> None:
+        self.llm.collective_rpc("init_weight_sync", args=(endpoint.host, endpoint.port, world_size, rank_offset,
+                                                          endpoint.backend, self.cfg.weight_sync.timeout_s, params,
+                                                          bucket_bytes))
+
+    def receive_weights(self, version: int) -> int:
+        served = self.llm.collective_rpc("receive_weights", args=(version,))
+        if any(v != version for v in served):
+            raise RuntimeError(f"generator-{self.index}: workers report versions {served}, expected {version}")
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.version = version
+        return version
+
+    def close_weight_sync(self) -> None:
+        self.llm.collective_rpc("close_weight_sync")
+
+    def pid(self) -> int:
+        return os.getpid()

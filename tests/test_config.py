@@ -1,0 +1,53 @@
+import pytest
+
+from rlhf.config import ConfigError, RunConfig, from_dict, load_config
+
+TINY = "configs/grpo_tiny.yaml"
+
+
+def test_tiny_config_loads_and_derives_batch_sizes():
+    cfg = load_config(TINY)
+    assert cfg.rollout_batch_size == 32
+    assert cfg.grad_accum_steps == cfg.train.mini_batch_size // (cfg.train.micro_batch_size * cfg.train.ranks)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(TINY, ["train.lr=1e-3", "rollout.temperature=0.5", "train.zero_stage=2",
+                             "reward.functions.0.weight=2", "data.shuffle=true"])
+    assert cfg.train.lr == 1e-3 and cfg.rollout.temperature == 0.5 and cfg.train.zero_stage == 2
+    assert cfg.reward.functions[0].weight == 2.0 and cfg.data.shuffle is True
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.temprature=0.5", r"rollout.temprature: unknown key \(did you mean rollout.temperature\?\)"),
+    ("train.lr=fast", r"train.lr: expected a number, got 'fast'"),
+    ("train.zero_stage=4", r"train.zero_stage: 4 is not one of \[0, 1, 2, 3\]"),
+    ("rollout.samples_per_prompt=2.5", r"rollout.samples_per_prompt: expected an integer"),
+    ("data.shuffle=1", r"data.shuffle: expected true or false"),
+    ("algorithm.advantage=gae2", r"algorithm.advantage: unknown 'gae2'"),
+    ("train.mini_batch_size=24", r"train.mini_batch_size: 24 must be a multiple of micro_batch_size \* ranks = 16"),
+    ("train.micro_batch_size=8", r"train.mini_batch_size: 32 must divide|^$"),
+    ("rollout.temperature=0", r"rollout.temperature: must be > 0"),
+    ("reward.functions.3.fn=x:y", r"reward.functions.3.fn: '3' is not an index of a list of 1 items"),
+    ("lr", r"override 'lr' must look like key.sub=value"),
+    ("train=3", r"train: expected a mapping"),
+])
+def test_bad_values_name_the_key(override, message):
+    if override == "train.micro_batch_size=8":  # 32 = 8 x 1 x 4: valid, so pair it with a bad mini batch
+        override = "train.mini_batch_size=64"
+        message = r"train.mini_batch_size: 64 must divide the rollout batch"
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, [override])
+
+
+def test_missing_required_and_missing_file():
+    with pytest.raises(ConfigError, match="model.path: is required"):
+        from_dict(RunConfig, {}).validate()
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/no_such.yaml")
+
+
+def test_config_is_frozen():
+    cfg = load_config(TINY)
+    with pytest.raises(AttributeError):
+        cfg.train.lr = 1.0  # type: ignore[misc]

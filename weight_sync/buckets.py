@@ -1,0 +1,79 @@
+"""Packing parameters into flat buckets. Sender and receivers run `plan_buckets` on the same
+metadata, so only the metadata travels by RPC and only flat buffers travel over the group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParamMeta:
+    name: str  # the HF checkpoint name, which vLLM's load_weights maps onto its own layout
+    dtype: str  # e.g. "float32"
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=torch_dtype(self.dtype)).element_size()
+
+
+@dataclass(frozen=True)
+class Bucket:
+    dtype: str
+    params: tuple[ParamMeta, ...]
+    offsets: tuple[int, ...]  # element offset of each param in the flat buffer
+    numel: int
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def plan_buckets(params: list[ParamMeta], bucket_bytes: int) -> list[Bucket]:
+    """Consecutive params of one dtype, up to bucket_bytes each; a larger param gets a bucket alone."""
+    buckets: list[Bucket] = []
+    current: list[ParamMeta] = []
+
+    def close() -> None:
+        if current:
+            offsets, total = [], 0
+            for p in current:
+                offsets.append(total)
+                total += p.numel
+            buckets.append(Bucket(current[0].dtype, tuple(current), tuple(offsets), total))
+            current.clear()
+
+    size = 0
+    for p in params:
+        if current and (p.dtype != current[0].dtype or size + p.nbytes > bucket_bytes):
+            close()
+            size = 0
+        current.append(p)
+        size += p.nbytes
+    close()
+    return buckets
+
+
+def pack(bucket: Bucket, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One flat buffer holding the bucket's tensors in order."""
+    for meta, t in zip(bucket.params, tensors, strict=True):
+        if tuple(t.shape) != meta.shape:
+            raise ValueError(f"{meta.name}: shape {tuple(t.shape)} differs from the planned {meta.shape}")
+    return torch.cat([t.detach().reshape(-1).to(torch_dtype(bucket.dtype)) for t in tensors])
+
+
+def unpack(bucket: Bucket, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """(name, view) pairs into the flat buffer."""
+    return [(m.name, flat[o : o + m.numel].view(m.shape)) for m, o in zip(bucket.params, bucket.offsets)]

@@ -1,0 +1,82 @@
+"""The dedicated trainer -> generators process group, one class per backend, same interface.
+
+Rank 0 is trainer rank 0 (the sender); ranks 1.. are the generators' vLLM workers. The group is
+built with no global torch.distributed state, so it lives beside DeepSpeed's group in the trainer
+and vLLM's own group in the workers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+
+import torch
+
+
+class SyncGroup:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class GlooGroup(SyncGroup):
+    """CPU: a gloo ProcessGroup over a TCPStore rendezvous."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float):
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+        self.rank, self.world_size, self.device = rank, world_size, torch.device("cpu")
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self._pg = stateless_init_torch_distributed_process_group(
+            host, port, rank, world_size, backend="gloo", timeout=self.timeout)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        # ProcessGroup.broadcast takes group ranks (torch.distributed.broadcast would need global ones).
+        opts = torch.distributed.BroadcastOptions()
+        opts.rootRank = src
+        self._pg.broadcast([tensor], opts).wait(self.timeout)
+
+    def close(self) -> None:
+        from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+        stateless_destroy_torch_distributed_process_group(self._pg)
+
+
+class NcclGroup(SyncGroup):
+    """GPU: vLLM's PyNcclCommunicator over a StatelessProcessGroup (the TCPStore carries the NCCL id)."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float):
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
+                                          store_timeout=int(timeout_s))
+        self._comm = PyNcclCommunicator(pg, device=self.device)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        self._comm.broadcast(tensor, src=src, stream=torch.cuda.current_stream())
+
+    def close(self) -> None:
+        self._comm = None
+
+
+def open_group(backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> SyncGroup:
+    if backend == "gloo":
+        return GlooGroup(host, port, rank, world_size, timeout_s)
+    if backend == "nccl":
+        return NcclGroup(host, port, rank, world_size, timeout_s)
+    raise ValueError(f"unknown weight-sync backend {backend!r}; choose gloo or nccl")
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
