@@ -1,0 +1,29 @@
+# The two commands a newcomer needs: `make demo` and `make test` (each installs first if needed).
+SHELL := /bin/bash
+ENV := source scripts/env.sh &&
+
+.PHONY: install demo test lint test-fast ray-up ray-down clean
+
+install:
+	bash scripts/install.sh
+
+demo: install
+	bash scripts/demo.sh
+
+lint: install
+	$(ENV) ruff check .
+
+test: install lint
+	$(ENV) python -m pytest -ra
+
+test-fast: install  ## the tests that start no actors, engines or clusters
+	$(ENV) python -m pytest -ra -m "not slow"
+
+ray-up: install
+	bash scripts/ray_head.sh start
+
+ray-down:
+	bash scripts/ray_head.sh stop
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,59 @@
+"""Session-wide fixtures: one tiny model, one Ray cluster, one generator + trainer stack.
+
+vLLM start-up costs ~10-20 s and DeepSpeed's a few more, so the slow tests share what they can.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = REPO / "examples" / "charset"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from rlhf.tiny_model import build
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    build(out, corpus=TASK / "prompts.jsonl")
+    return out
+
+
+def tiny_overrides(model: Path, tmp: Path, **extra) -> list[str]:
+    """The tiny GRPO config with paths for this test session; wandb off unless a test turns it on."""
+    items = {"model.path": str(model), "data.path": str(TASK / "prompts.jsonl"), "logging.output_dir": str(tmp),
+             "logging.wandb": "disabled", "reward.functions.0.fn": f"{TASK / 'reward.py'}:charset_reward"}
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # Logical CPUs above the 2 real cores: the shared stack stays up while a test builds a run of
+    # its own; only one of them is busy at a time.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stack(ray_cluster, tiny_model, tmp_path_factory):
+    """A live topology (1 generator, 1 trainer rank, weight sync connected) shared by component tests."""
+    from rlhf.config import load_config
+    from rlhf.driver import build_topology, teardown
+
+    tmp = tmp_path_factory.mktemp("stack")
+    cfg = load_config(REPO / "configs" / "grpo_tiny.yaml", tiny_overrides(tiny_model, tmp))
+    topo = build_topology(cfg, "cpu", run_id="test-stack")
+    yield cfg, topo
+    teardown(topo)

@@ -1,0 +1,189 @@
+"""End to end on the real stack: Ray actors, a vLLM engine, DeepSpeed engines, the gloo sync group.
+
+Tolerance for the trainer-vs-generator log-prob gap (mean |trainer - vLLM| over sampled tokens):
+measured at 2e-7 - 9e-7 per step with fp32 on CPU (vLLM's CPU kernels and HF's forward differ only
+in summation order). LOGPROB_GAP_TOL = 1e-4 sits two orders of magnitude above that noise and two
+below the gap after one skipped sync at the tiny config's learning rate (~1e-2, measured below), so
+a sync that silently did nothing fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.algorithms import ADVANTAGE_ESTIMATORS, EstimatorInputs, masked_mean
+from rlhf.config import load_config
+from rlhf.data import PromptLoader, load_prompt_dataset
+from rlhf.driver import ResourceError, check_resources, generate
+from rlhf.types import collate
+from tests.conftest import REPO, TASK, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+LOGPROB_GAP_TOL = 1e-4
+TINY = REPO / "configs" / "grpo_tiny.yaml"
+
+
+def _loader(cfg):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    return tok, PromptLoader(load_prompt_dataset(cfg.data), tok, cfg.data, cfg.seed)
+
+
+def _score(samples) -> None:
+    from reward.api import load_reward_fn
+
+    fn = load_reward_fn(f"{TASK / 'reward.py'}:charset_reward")
+    scores = fn(prompts=[s.prompt.text for s in samples], completions=[s.text for s in samples],
+                charset=[s.prompt.row["charset"] for s in samples])
+    for s, r in zip(samples, scores):
+        s.reward = r
+
+
+def _generate_batch(cfg, topo, loader, tok, seed):
+    groups = generate(topo.generators, loader.next_batch(cfg.rollout.prompts_per_step), seed=seed)
+    samples = [s for g in groups for s in g.samples]
+    _score(samples)
+    return collate(samples, tok.pad_token_id), samples
+
+
+def _gap(topo, batch) -> tuple[float, torch.Tensor]:
+    """Mean |trainer - generator| log-prob of the sampled tokens, and the trainer's log-probs."""
+    old = topo.trainer.compute_logprobs(batch)
+    return masked_mean((old - batch.rollout_logprobs).abs(), batch.loss_mask).item(), old
+
+
+def _train_once(cfg, topo, batch, samples, old, step):
+    rewards = torch.tensor([s.reward for s in samples])
+    adv = ADVANTAGE_ESTIMATORS["grpo"](EstimatorInputs(rewards, batch.loss_mask, cfg.rollout.samples_per_prompt))
+    return topo.trainer.train(batch.with_(old_logprobs=old, advantages=adv), step)
+
+
+def test_generator_returns_groups_with_ids_and_logprobs(stack):
+    cfg, topo = stack
+    tok, loader = _loader(cfg)
+    prompts = loader.next_batch(3)
+    groups = generate(topo.generators, prompts, seed=7)
+    assert [g.prompt.index for g in groups] == [p.index for p in prompts]
+    for g in groups:
+        assert len(g.samples) == cfg.rollout.samples_per_prompt
+        for s in g.samples:
+            assert 0 < len(s.completion_ids) <= cfg.rollout.max_new_tokens
+            assert len(s.rollout_logprobs) == len(s.completion_ids)
+            assert all(lp <= 0 for lp in s.rollout_logprobs)
+            assert s.truncated == (len(s.completion_ids) == cfg.rollout.max_new_tokens
+                                   and s.completion_ids[-1] != tok.eos_token_id)
+            assert s.policy_version == topo.weight_sync.version
+
+
+def test_logprob_gap_small_after_sync_and_grows_when_a_sync_is_skipped(stack):
+    cfg, topo = stack
+    tok, loader = _loader(cfg)
+    v = topo.weight_sync.version
+
+    batch, samples = _generate_batch(cfg, topo, loader, tok, seed=1)
+    gap_synced, old = _gap(topo, batch)
+    assert gap_synced < LOGPROB_GAP_TOL
+
+    # A training step followed by a sync: the generator serves the new weights.
+    stats = _train_once(cfg, topo, batch, samples, old, step=1)
+    assert stats["policy/first_ratio_max_dev"] < 1e-6 and stats["policy/first_kl"] < 1e-6
+    topo.weight_sync.push(v + 1)
+    batch, samples = _generate_batch(cfg, topo, loader, tok, seed=2)
+    gap_after_sync, old = _gap(topo, batch)
+    assert gap_after_sync < LOGPROB_GAP_TOL
+
+    # A training step with the sync skipped: the generator still serves the old weights.
+    _train_once(cfg, topo, batch, samples, old, step=2)
+    batch, samples = _generate_batch(cfg, topo, loader, tok, seed=3)
+    gap_skipped, old = _gap(topo, batch)
+    assert gap_skipped > 10 * LOGPROB_GAP_TOL, f"gap {gap_skipped:.2e} after a skipped sync: the check cannot fail"
+
+    topo.weight_sync.push(v + 2)  # the next sync closes the gap again
+    batch, _ = _generate_batch(cfg, topo, loader, tok, seed=4)
+    gap_resynced, _ = _gap(topo, batch)
+    assert gap_resynced < LOGPROB_GAP_TOL
+    assert all(s.policy_version == v + 2 for s in _generate_batch(cfg, topo, loader, tok, seed=5)[1])
+
+
+def test_resource_shortfall_is_refused_with_the_numbers(stack):
+    cfg = load_config(TINY, tiny_overrides(Path(stack[0].model.path), Path("/tmp"), **{"resources.trainer_cpus": 64}))
+    with pytest.raises(ResourceError, match=r"needs 65 CPUs \(1 generators x 1 \+ 1 trainer ranks x 64\)"):
+        check_resources(cfg, "cpu")
+
+
+USER_REWARD = '''
+import json, os
+
+LOG = os.path.join(os.path.dirname(__file__), "calls.jsonl")
+
+
+def digits_only(prompts, completions, charset, **kwargs):
+    """The charset reward, written by a user in their own file; it records what it returned."""
+    scores = []
+    for text, allowed in zip(completions, charset):
+        chars = [c for c in text if not c.isspace()]
+        scores.append(sum(c in allowed for c in chars) / len(chars) if chars else 0.0)
+    with open(LOG, "a") as f:
+        f.write(json.dumps(scores) + "\\n")
+    return scores
+'''
+
+
+def test_grpo_run_end_to_end_raises_the_reward_with_a_user_reward_file(ray_cluster, stack, tiny_model, tmp_path):
+    """30 steps of GRPO through the real stack; the reward comes from a user's file given by path."""
+    import rlhf
+
+    user_dir = tmp_path / "user"
+    user_dir.mkdir()
+    (user_dir / "my_reward.py").write_text(USER_REWARD)
+    cfg = load_config(TINY, tiny_overrides(tiny_model, tmp_path, **{
+        "reward.functions.0.fn": f"{user_dir / 'my_reward.py'}:digits_only", "logging.wandb": "offline"}))
+    summary = rlhf.run(cfg)
+
+    run_dir = Path(summary["run_dir"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == cfg.steps == summary["steps"]
+    for key in ("reward/mean", "loss/policy", "timing/generate_s", "timing/reward_s", "timing/train_s",
+                "timing/sync_s", "sync/logprob_gap", "policy/first_ratio_max_dev"):
+        assert all(key in r for r in rows), key
+    assert (run_dir / "config.yaml").exists() and (run_dir / "summary.json").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run in the run directory"
+
+    # The user's function scored every sample of every step.
+    calls = [json.loads(line) for line in (user_dir / "calls.jsonl").read_text().splitlines()]
+    assert len(calls) == cfg.steps
+    for call, row in zip(calls, rows):
+        assert len(call) == cfg.rollout_batch_size
+        assert sum(call) / len(call) == pytest.approx(row["reward/mean"], abs=1e-6)
+        assert row["reward/digits_only/mean"] == pytest.approx(row["reward/mean"], abs=1e-6)
+
+    # Invariants of every step: first update ratio 1 / KL 0, generator and trainer agree.
+    assert max(r["policy/first_ratio_max_dev"] for r in rows) < 1e-6
+    assert max(r["policy/first_kl"] for r in rows) < 1e-6
+    assert max(r["sync/logprob_gap"] for r in rows) < LOGPROB_GAP_TOL
+    assert [r["rollout/policy_version"] for r in rows] == list(range(cfg.steps))
+
+    # Learning: measured gain 0.34 (0.19 -> 0.53) with this config; require at least 0.15.
+    assert summary["reward_last5_mean"] - summary["reward_first5_mean"] >= 0.15, summary
+
+
+def test_two_rank_zero3_run_with_reference_keeps_generator_in_sync(ray_cluster, stack, tiny_model, tmp_path):
+    """ZeRO-3 over 2 ranks gathers parameters bucket by bucket for the sync; the reference adds k3 KL."""
+    import rlhf
+
+    cfg = load_config(TINY, tiny_overrides(tiny_model, tmp_path, **{
+        "steps": 3, "train.ranks": 2, "train.zero_stage": 3, "train.micro_batch_size": 8,
+        "train.threads": 1, "algorithm.kl_coef": 0.05, "weight_sync.bucket_mb": 1}))
+    summary = rlhf.run(cfg)
+    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    assert max(r["sync/logprob_gap"] for r in rows) < LOGPROB_GAP_TOL
+    assert max(r["policy/first_ratio_max_dev"] for r in rows) < 1e-6
+    assert rows[0]["kl/ref"] < 1e-6 < rows[-1]["kl/ref"]  # policy == reference until it trains
+    assert all(r["loss/kl"] > 0 for r in rows[1:])
