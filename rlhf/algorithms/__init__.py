@@ -1,8 +1,16 @@
 """Pure RL math on tensors: no Ray, vLLM or DeepSpeed imports here, so it reads and tests alone."""
 
-from rlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS, EstimatorInputs
-from rlhf.algorithms.kl import KL_ESTIMATORS
-from rlhf.algorithms.logprobs import masked_mean, token_logprobs
+from rlhf.algorithms.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    EstimatorInputs,
+    discounted_sum,
+    gae_returns,
+    grouped_rewards,
+    token_level_rewards,
+)
+from rlhf.algorithms.dapo import groups_with_signal, overlong_penalty
+from rlhf.algorithms.kl import KL_ESTIMATORS, kl_penalty_rewards
+from rlhf.algorithms.logprobs import entropy_from_logits, masked_mean, token_logprobs
 from rlhf.algorithms.losses import (
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,
@@ -10,8 +18,11 @@ from rlhf.algorithms.losses import (
     aggregate,
     loss_denominator,
 )
+from rlhf.algorithms.value import value_loss
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "POLICY_LOSSES", "EstimatorInputs",
-    "PolicyLossOutput", "aggregate", "loss_denominator", "masked_mean", "token_logprobs",
+    "PolicyLossOutput", "aggregate", "discounted_sum", "entropy_from_logits", "gae_returns", "grouped_rewards",
+    "groups_with_signal", "kl_penalty_rewards", "loss_denominator", "masked_mean", "overlong_penalty",
+    "token_level_rewards", "token_logprobs", "value_loss",
 ]

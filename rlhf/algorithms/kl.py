@@ -27,3 +27,14 @@ def k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     log_r = ref_logp - logp
     return torch.exp(log_r) - 1.0 - log_r
+
+
+def kl_penalty_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                       estimator: str = "k1") -> torch.Tensor:
+    """KL to the reference as a per-token reward (InstructGPT-style): -kl_coef * KL_t, [B, T], 0 off the mask.
+
+    For `EstimatorInputs.token_rewards`; the estimators add the outcome reward on the last token.
+    The KL then enters the advantage, not the loss, so set the loss's own KL coefficient to 0.
+    k1 is the usual choice here: summed over a sample it is an unbiased estimate of the sequence KL.
+    """
+    return -kl_coef * KL_ESTIMATORS[estimator](logp, ref_logp) * mask

@@ -20,18 +20,42 @@ class PolicyLossOutput:
 POLICY_LOSSES: Registry = Registry("policy loss")
 
 
+# Every policy loss shares one signature: (logp, old_logp, advantages, clip_low, clip_high, *, dual_clip).
+# The trainer passes the first five positionally; dual_clip is a keyword so that call keeps working.
 @POLICY_LOSSES.register("ppo_clip")
 def ppo_clip(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-             clip_low: float, clip_high: float) -> PolicyLossOutput:
+             clip_low: float, clip_high: float, *, dual_clip: float | None = None) -> PolicyLossOutput:
     """PPO's clipped surrogate (Schulman et al. 2017), with separate low/high clip (DAPO's clip-higher).
 
     loss_t = -min(ratio_t * A_t, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A_t),
     ratio_t = exp(logp_t - old_logp_t). With clip_low == clip_high it is the paper's loss.
+
+    dual_clip = c > 1 adds dual-clip PPO (Ye et al. 2020): where A_t < 0 the loss is also capped,
+    loss_t = min(loss_t, -c * A_t), so a token whose ratio grew far past 1 while its advantage is
+    negative (ratio > c) cannot make the loss, and its gradient, unbounded. Tokens with A_t >= 0 are
+    untouched. `clipped` is True where a clip bound (either one) is the active branch, i.e. where the
+    token contributes no gradient.
     """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (Ye et al. 2020 use 3), got {dual_clip}")
     ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
-    return PolicyLossOutput(loss=-torch.minimum(unclipped, clipped), ratio=ratio, clipped=clipped < unclipped)
+    unclipped = -ratio * advantages
+    clipped = -torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
+    loss = torch.maximum(unclipped, clipped)
+    was_clipped = clipped > unclipped
+    if dual_clip is not None:
+        bound = -dual_clip * advantages
+        capped = (advantages < 0) & (bound < loss)
+        loss = torch.where(capped, bound, loss)
+        was_clipped = was_clipped | capped
+    return PolicyLossOutput(loss=loss, ratio=ratio, clipped=was_clipped)
+
+
+@POLICY_LOSSES.register("ppo_dual_clip")
+def ppo_dual_clip(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                  clip_low: float, clip_high: float, *, dual_clip: float | None = 3.0) -> PolicyLossOutput:
+    """ppo_clip with dual-clip on by default at the paper's c = 3, so it can be chosen by name alone."""
+    return ppo_clip(logp, old_logp, advantages, clip_low, clip_high, dual_clip=dual_clip)
 
 
 # Aggregation: loss = numerator(values, mask) / denominator(mask of the whole mini-batch).
