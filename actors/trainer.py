@@ -3,6 +3,7 @@ driver's handle that shards batches over the ranks and merges what they report."
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -68,7 +69,8 @@ class PolicyTrainer:
                                                      trust_remote_code=cfg.model.trust_remote_code)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(cfg, self.device.type))
-        self.sender = WeightSender(self.engine.module, self.rank, cfg.train.zero_stage, cfg.model.dtype)
+        self.sender = WeightSender(dict(self.engine.module.named_parameters()), self.rank, cfg.train.zero_stage,
+                                   cfg.model.dtype)
 
     # ---- forward passes ----
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
@@ -129,22 +131,26 @@ class PolicyTrainer:
         self.sender.connect(endpoint.backend, endpoint.host, endpoint.port, world_size,
                             self.cfg.weight_sync.timeout_s, bucket_bytes)
 
-    def send_weights(self, version: int) -> int:
-        return self.sender.send()
+    def send_weights(self, version: int, verify: bool) -> tuple[int, list[int] | None]:
+        return self.sender.send(verify)
 
     def close_weight_sync(self) -> None:
         self.sender.close()
 
     def save_hf(self, path: str) -> None:
-        """The policy in HF format (rank 0 writes; under ZeRO-3 all ranks must call)."""
+        """The policy and its tokenizer in HF format, loadable by transformers and vLLM (rank 0 writes;
+        all ranks call, since ZeRO-3 gathers the parameters collectively)."""
+        gather = contextlib.nullcontext()
         if self.cfg.train.zero_stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
-                if self.rank == 0:
-                    self.engine.module.save_pretrained(path)
-        elif self.rank == 0:
-            self.engine.module.save_pretrained(path)
+            gather = deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        with gather:
+            if self.rank == 0:
+                from transformers import AutoTokenizer
+
+                self.engine.module.save_pretrained(path)
+                AutoTokenizer.from_pretrained(self.cfg.model.path).save_pretrained(path)
 
 
 def node_host() -> str:

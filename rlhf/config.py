@@ -107,7 +107,9 @@ class TrainConfig:
 class WeightSyncConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
     bucket_mb: float = 64.0
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # bounds every RPC and collective of a sync; a late generator is named
+    verify: bool = False  # compare per-tensor checksums of sender and receivers after every push
+    logprob_gap_alarm: float = 0.1  # warn when mean |trainer - generator| log-prob exceeds this
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,7 @@ class RunConfig:
             need(name in registry, f"algorithm.{key}", f"unknown {name!r}; choose one of {sorted(registry)}")
         need(self.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be > 0")
         need(self.weight_sync.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
+        need(self.weight_sync.logprob_gap_alarm > 0, "weight_sync.logprob_gap_alarm", "must be > 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -108,18 +108,22 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
 
             # 7. log
             m.update(rollout_metrics(samples, batch, m["timing/generate_s"]))
+            m["sync/gap_alarm"] = gap_alarm(m["sync/logprob_gap"], cfg.weight_sync.logprob_gap_alarm, step)
             m["timing/step_s"] = time.perf_counter() - t_step
             log.log(step, m)
-    finally:
-        teardown(topo)
+    except BaseException:
+        teardown(topo, graceful=False)  # a failed sync may leave trainer rank 0 inside a broadcast
+        raise
+    teardown(topo)
     return log.finish({"prompts_skipped_too_long": loader.skipped_too_long, "device": device})
 
 
-def generate(generators: list[Any], prompts: list[Prompt], seed: int) -> list[SampleGroup]:
+def generate(generators: list[Any], prompts: list[Prompt], seed: int, greedy: bool = False) -> list[SampleGroup]:
     """Split the prompts over the generators; groups come back in prompt order."""
     n = len(generators)
     bounds = [round(i * len(prompts) / n) for i in range(n + 1)]
-    parts = ray.get([g.generate.remote(prompts[bounds[i]:bounds[i + 1]], seed) for i, g in enumerate(generators)])
+    parts = ray.get([g.generate.remote(prompts[bounds[i]:bounds[i + 1]], seed, greedy)
+                     for i, g in enumerate(generators)])
     return [group for part in parts for group in part]
 
 
@@ -141,6 +145,16 @@ def rollout_metrics(samples: list[Sample], batch: TrainBatch, generate_s: float)
     if batch.ref_logprobs is not None:
         m["kl/ref"] = masked_mean(KL_ESTIMATORS["k3"](batch.old_logprobs, batch.ref_logprobs), mask).item()
     return m
+
+
+def gap_alarm(gap: float, threshold: float, step: int) -> float:
+    """1.0 (and a warning) when trainer and generator disagree on the sampled tokens' log-probs."""
+    if gap <= threshold:
+        return 0.0
+    print(f"WARNING step {step}: trainer and generator log-probs differ by {gap:.3g} > "
+          f"weight_sync.logprob_gap_alarm={threshold:g}: the generator may not serve the trainer's weights",
+          flush=True)
+    return 1.0
 
 
 @contextlib.contextmanager
@@ -214,9 +228,10 @@ def _build(cfg: RunConfig, device: str, run_id: str, created: list[Any]) -> Topo
     return Topology(generators, trainer, reference, weight_sync, buffer)
 
 
-def teardown(topo: Topology) -> None:
-    with contextlib.suppress(Exception):
-        topo.weight_sync.close()
+def teardown(topo: Topology, graceful: bool = True) -> None:
+    if graceful:
+        with contextlib.suppress(Exception):
+            topo.weight_sync.close()
     for actor in [*topo.generators, *topo.trainer.ranks, topo.reference]:
         if actor is not None:
             ray.kill(actor)

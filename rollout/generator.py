@@ -48,13 +48,17 @@ class Generator:
         )
         self.version = 0
 
-    def generate(self, prompts: list[Prompt], seed: int) -> list[SampleGroup]:
+    def generate(self, prompts: list[Prompt], seed: int, greedy: bool = False) -> list[SampleGroup]:
+        """samples_per_prompt samples of each prompt; with `greedy`, one argmax completion each."""
         from vllm import SamplingParams
 
         r = self.cfg.rollout
-        params = [SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                 max_tokens=r.max_new_tokens, logprobs=0, seed=seed + p.index)
-                  for p in prompts]
+        if greedy:
+            params = [SamplingParams(n=1, temperature=0.0, max_tokens=r.max_new_tokens, logprobs=0)] * len(prompts)
+        else:
+            params = [SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
+                                     top_k=r.top_k, max_tokens=r.max_new_tokens, logprobs=0, seed=seed + p.index)
+                      for p in prompts]
         outputs = self.llm.generate([{"prompt_token_ids": p.ids} for p in prompts], params, use_tqdm=False)
         groups = []
         for prompt, out in zip(prompts, outputs, strict=True):
@@ -76,13 +80,16 @@ class Generator:
                                                           endpoint.backend, self.cfg.weight_sync.timeout_s, params,
                                                           bucket_bytes))
 
-    def receive_weights(self, version: int) -> int:
-        served = self.llm.collective_rpc("receive_weights", args=(version,))
-        if any(v != version for v in served):
-            raise RuntimeError(f"generator-{self.index}: workers report versions {served}, expected {version}")
+    def receive_weights(self, version: int, verify: bool) -> list[tuple[int, list[int] | None]]:
+        """Every worker's (served version, per-tensor checksums or None); the service checks them."""
+        reports = self.llm.collective_rpc("receive_weights", args=(version, verify))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-        self.version = version
-        return version
+        self.version = min(v for v, _ in reports)
+        return reports
+
+    def corrupt_next_receive(self, name: str) -> None:
+        """For tests: every worker alters tensor `name` of the next push after receiving it."""
+        self.llm.collective_rpc("corrupt_next_receive", args=(name,))
 
     def close_weight_sync(self) -> None:
         self.llm.collective_rpc("close_weight_sync")

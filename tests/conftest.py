@@ -48,12 +48,13 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def stack(ray_cluster, tiny_model, tmp_path_factory):
-    """A live topology (1 generator, 1 trainer rank, weight sync connected) shared by component tests."""
+    """A live topology (2 generators, 1 trainer rank, weight sync connected) shared by component tests."""
     from rlhf.config import load_config
     from rlhf.driver import build_topology, teardown
 
     tmp = tmp_path_factory.mktemp("stack")
-    cfg = load_config(REPO / "configs" / "grpo_tiny.yaml", tiny_overrides(tiny_model, tmp))
+    cfg = load_config(REPO / "configs" / "grpo_tiny.yaml",
+                      tiny_overrides(tiny_model, tmp, **{"rollout.num_generators": 2}))
     topo = build_topology(cfg, "cpu", run_id="test-stack")
     yield cfg, topo
     teardown(topo)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from weight_sync.buckets import ParamMeta, pack, plan_buckets, unpack
+from weight_sync.buckets import ParamMeta, pack, plan_buckets, tensor_checksums, unpack
 
 
 def test_plan_respects_size_dtype_and_oversized_params():
@@ -27,3 +27,28 @@ def test_pack_refuses_a_shape_that_changed():
     [bucket] = plan_buckets([ParamMeta("w", "float32", (2, 3))], 1 << 20)
     with pytest.raises(ValueError, match=r"w: shape \(3, 2\) differs from the planned \(2, 3\)"):
         pack(bucket, [torch.zeros(3, 2)])
+
+
+def test_round_trip_is_exact_for_mixed_dtypes_and_oversized_tensors():
+    torch.manual_seed(0)
+    tensors = {"emb": torch.randn(300, 8), "ln": torch.randn(8).bfloat16(), "q": torch.randn(8, 8).half(),
+               "big": torch.randn(1000), "step": torch.tensor([7, -3], dtype=torch.int64)}
+    metas = [ParamMeta(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in tensors.items()]
+    buckets = plan_buckets(metas, bucket_bytes=2048)  # "emb" (9.6 kB) and "big" (4 kB) exceed a bucket
+    assert [[p.name for p in b.params] for b in buckets] == [["emb"], ["ln"], ["q"], ["big"], ["step"]]
+    for b in buckets:
+        out = dict(unpack(b, pack(b, [tensors[m.name] for m in b.params])))
+        for name, t in out.items():
+            assert t.dtype == tensors[name].dtype and torch.equal(t, tensors[name]), name
+
+
+def test_checksums_catch_a_flipped_bit_and_a_swap():
+    [bucket] = plan_buckets([ParamMeta("a", "bfloat16", (6,))], 1 << 20)
+    flat = pack(bucket, [torch.arange(6, dtype=torch.bfloat16)])
+    base = tensor_checksums(bucket, flat)
+    assert tensor_checksums(bucket, flat.clone()) == base
+    flipped = flat.clone()
+    flipped.view(torch.int16)[2] ^= 1  # one bit of one element
+    swapped = flat.clone()
+    swapped[[1, 4]] = swapped[[4, 1]]  # same values, other places: the plain sum alone would miss it
+    assert tensor_checksums(bucket, flipped) != base and tensor_checksums(bucket, swapped) != base

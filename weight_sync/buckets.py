@@ -66,14 +66,41 @@ def plan_buckets(params: list[ParamMeta], bucket_bytes: int) -> list[Bucket]:
     return buckets
 
 
-def pack(bucket: Bucket, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One flat buffer holding the bucket's tensors in order."""
+def pack(bucket: Bucket, tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """One flat buffer holding the bucket's tensors in order; written into `out` (reused) when given."""
     for meta, t in zip(bucket.params, tensors, strict=True):
         if tuple(t.shape) != meta.shape:
             raise ValueError(f"{meta.name}: shape {tuple(t.shape)} differs from the planned {meta.shape}")
-    return torch.cat([t.detach().reshape(-1).to(torch_dtype(bucket.dtype)) for t in tensors])
+    if out is None:
+        return torch.cat([t.detach().reshape(-1).to(torch_dtype(bucket.dtype)) for t in tensors])
+    flat = out[: bucket.numel]
+    for t, offset in zip(tensors, bucket.offsets):
+        flat[offset : offset + t.numel()].copy_(t.detach().reshape(-1))
+    return flat
 
 
 def unpack(bucket: Bucket, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """(name, view) pairs into the flat buffer."""
     return [(m.name, flat[o : o + m.numel].view(m.shape)) for m, o in zip(bucket.params, bucket.offsets)]
+
+
+def tensor_checksums(bucket: Bucket, flat: torch.Tensor) -> list[int]:
+    """One exact integer checksum per tensor of a packed bucket.
+
+    The tensor's bytes are read as integers (no float rounding, so sender and receiver agree bit
+    for bit) and summed twice: plainly, and weighted by position, so that a flipped bit and two
+    swapped elements both change it. Cost: a pass over the bucket, far below the transfer itself.
+    """
+    out = []
+    for meta, offset in zip(bucket.params, bucket.offsets):
+        words = _as_words(flat[offset : offset + meta.numel])
+        weights = torch.arange(1, words.numel() + 1, dtype=torch.int64, device=words.device) % 65521
+        out.append(int(words.sum()) * 1_000_003 + int((words * weights).sum()))
+    return out
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    size = t.element_size()
+    word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+    return t.view(word).to(torch.int64)

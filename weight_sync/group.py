@@ -13,12 +13,20 @@ import socket
 import torch
 
 
+class Pending:
+    """An in-flight broadcast; wait() returns when the tensor is sent (or received) and raises on timeout."""
+
+    def wait(self) -> None:
+        raise NotImplementedError
+
+
 class SyncGroup:
     rank: int
     world_size: int
     device: torch.device
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Pending:
+        """Start broadcasting `tensor` from `src`; the caller may pack or load other data meanwhile."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -36,11 +44,12 @@ class GlooGroup(SyncGroup):
         self._pg = stateless_init_torch_distributed_process_group(
             host, port, rank, world_size, backend="gloo", timeout=self.timeout)
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
-        # ProcessGroup.broadcast takes group ranks (torch.distributed.broadcast would need global ones).
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Pending:
+        # ProcessGroup.broadcast takes group ranks (torch.distributed.broadcast would need global ones);
+        # gloo runs it on its own thread, so it overlaps with whatever the caller does next.
         opts = torch.distributed.BroadcastOptions()
         opts.rootRank = src
-        self._pg.broadcast([tensor], opts).wait(self.timeout)
+        return _GlooPending(self._pg.broadcast([tensor], opts), self.timeout)
 
     def close(self) -> None:
         from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
@@ -60,12 +69,37 @@ class NcclGroup(SyncGroup):
         pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
                                           store_timeout=int(timeout_s))
         self._comm = PyNcclCommunicator(pg, device=self.device)
+        self._stream = torch.cuda.Stream(device=self.device)
+        # PyNccl calls have no timeout of their own; the driver's deadline on every sync RPC bounds them.
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
-        self._comm.broadcast(tensor, src=src, stream=torch.cuda.current_stream())
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Pending:
+        # Queued on a side stream, so packing the next bucket on the current stream overlaps with it.
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream())
+        self._comm.broadcast(tensor, src=src, stream=stream)
+        tensor.record_stream(stream)
+        event = torch.cuda.Event()
+        event.record(stream)
+        return _CudaPending(event)
 
     def close(self) -> None:
         self._comm = None
+
+
+class _GlooPending(Pending):
+    def __init__(self, work, timeout: datetime.timedelta):
+        self._work, self._timeout = work, timeout
+
+    def wait(self) -> None:
+        self._work.wait(self._timeout)
+
+
+class _CudaPending(Pending):
+    def __init__(self, event):
+        self._event = event
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self._event)
 
 
 def open_group(backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> SyncGroup:

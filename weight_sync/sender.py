@@ -9,19 +9,19 @@ from typing import Any
 
 import torch
 
-from weight_sync.buckets import ParamMeta, pack, plan_buckets
-from weight_sync.group import SyncGroup, open_group
+from weight_sync.buckets import ParamMeta, pack, plan_buckets, tensor_checksums, torch_dtype
+from weight_sync.group import Pending, SyncGroup, open_group
 
 
 class WeightSender:
-    def __init__(self, module: torch.nn.Module, rank: int, zero_stage: int, send_dtype: str):
-        self.module = module
+    def __init__(self, params: dict[str, torch.Tensor], rank: int, zero_stage: int, send_dtype: str):
+        self.params = params  # name -> parameter, HF checkpoint names
         self.rank = rank
         self.zero_stage = zero_stage
         self.send_dtype = send_dtype
-        self.params = dict(module.named_parameters())
         self.group: SyncGroup | None = None
         self.buckets: list = []
+        self._buffers: list[torch.Tensor] = []  # two, reused: bucket k+1 packs while bucket k is sent
 
     def meta(self) -> list[tuple[str, str, list[int]]]:
         # ZeRO-3 partitions parameters in place; ds_shape is the full shape.
@@ -29,21 +29,53 @@ class WeightSender:
 
     def connect(self, backend: str, host: str, port: int, world_size: int, timeout_s: float,
                 bucket_bytes: int) -> None:
-        self.buckets = plan_buckets([ParamMeta(n, d, tuple(s)) for n, d, s in self.meta()], bucket_bytes)
-        if self.rank == 0:
-            self.group = open_group(backend, host, port, 0, world_size, timeout_s)
+        group = open_group(backend, host, port, 0, world_size, timeout_s) if self.rank == 0 else None
+        self.attach(group, bucket_bytes)
 
-    def send(self) -> int:
-        """Broadcast every bucket; returns the bytes sent (0 on ranks other than 0)."""
-        sent = 0
-        for bucket in self.buckets:
+    def attach(self, group: SyncGroup | None, bucket_bytes: int) -> None:
+        """Use `group` (rank 0; None on other ranks) with buckets of at most bucket_bytes."""
+        self.group = group
+        self.buckets = plan_buckets([ParamMeta(n, d, tuple(s)) for n, d, s in self.meta()], bucket_bytes)
+        if group is not None and self.buckets:
+            # Fresh CPU buffers cost a page fault per 4 kB (more than the transfer itself on gloo), so
+            # two buffers of the largest bucket are allocated once and alternate.
+            largest = max(b.numel * ParamMeta("", b.dtype, (1,)).nbytes for b in self.buckets)
+            self._buffers = [torch.empty(largest, dtype=torch.uint8, device=group.device) for _ in range(2)]
+
+    def send(self, verify: bool) -> tuple[int, list[int] | None]:
+        """Broadcast every bucket; returns the bytes sent and, if `verify`, a checksum per tensor
+        (both only on rank 0). Bucket k+1 is gathered and packed while bucket k is on the wire."""
+        sent, sums = 0, [] if verify else None
+        in_flight: Pending | None = None
+        for k, bucket in enumerate(self.buckets):
             params = [self.params[m.name] for m in bucket.params]
-            with self._gathered(params):
-                if self.group is not None:
-                    flat = pack(bucket, [p.data for p in params]).to(self.group.device)
-                    self.group.broadcast(flat, src=0)
-                    sent += flat.numel() * flat.element_size()
-        return sent
+            with self._gathered(params):  # pack copies, so the gathered parameters can be released after
+                if self.group is None:
+                    continue
+                flat = self._zero_copy(bucket, params)
+                if flat is None:
+                    out = self._buffers[k % 2].view(torch_dtype(bucket.dtype))  # free: bucket k-2 was waited for
+                    flat = pack(bucket, [p.data for p in params], out=out)
+            if sums is not None:
+                sums += tensor_checksums(bucket, flat)
+            pending = self.group.broadcast(flat, src=0)
+            if in_flight is not None:
+                in_flight.wait()
+            in_flight = pending
+            sent += flat.numel() * flat.element_size()
+        if in_flight is not None:
+            in_flight.wait()
+        return sent, sums
+
+    def _zero_copy(self, bucket, params: list[torch.nn.Parameter]) -> torch.Tensor | None:
+        """A bucket of one tensor already laid out as it travels (an embedding larger than a bucket,
+        say) is sent as it is: no copy. Not under ZeRO-3, whose gathered tensor is freed on leaving
+        the gather while the broadcast may still be reading it."""
+        if len(params) != 1 or self.zero_stage == 3:
+            return None
+        t = params[0].data
+        ok = t.is_contiguous() and t.dtype == torch_dtype(bucket.dtype) and t.device == self.group.device
+        return t.view(-1) if ok else None
 
     def _gathered(self, params: list[torch.nn.Parameter]) -> Any:
         if self.zero_stage == 3:

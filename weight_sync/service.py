@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
 from rlhf.config import WeightSyncConfig
+
+
+class WeightSyncError(RuntimeError):
+    """A sync failed: an actor died, missed its deadline, or received different bytes than were sent."""
 
 
 @dataclass(frozen=True)
@@ -21,7 +26,9 @@ class WeightSyncService:
     """Trainer rank 0 sends; every vLLM worker of every generator receives.
 
     All trainer ranks take part in a push (ZeRO-3 gathers parameters collectively); only rank 0
-    is in the sync group. Every call is bounded by `timeout_s`.
+    is in the sync group. Every wait is bounded by `timeout_s`: a generator that died or hangs
+    fails the push with its name, never a hang. With `verify`, each receiver's per-tensor
+    checksums are compared with the sender's and a mismatch names the tensors.
     """
 
     def __init__(self, trainer_ranks: list, generators: list, cfg: WeightSyncConfig, backend: str):
@@ -30,35 +37,74 @@ class WeightSyncService:
         self.cfg = cfg
         self.backend = backend
         self.version = 0
+        self.names: list[str] = []  # tensor names in the order they are sent
 
     def connect(self) -> None:
-        timeout = self.cfg.timeout_s
         bucket_bytes = int(self.cfg.bucket_mb * 2**20)
-        host, port = ray.get(self.trainer_ranks[0].sync_endpoint.remote(), timeout=timeout)
+        rank0 = {self.trainer_ranks[0].sync_endpoint.remote(): "trainer-rank-0"}
+        host, port = self._wait(rank0, "connect")["trainer-rank-0"]
         endpoint = SyncEndpoint(host, port, self.backend)
-        params = ray.get(self.trainer_ranks[0].weight_meta.remote(), timeout=timeout)
-        workers = ray.get([g.num_workers.remote() for g in self.generators], timeout=timeout)
-        world = 1 + sum(workers)
-        offsets = [1 + sum(workers[:i]) for i in range(len(workers))]
-        refs = [r.init_weight_sync.remote(endpoint, world, bucket_bytes) for r in self.trainer_ranks]
-        refs += [g.init_weight_sync.remote(endpoint, world, off, params, bucket_bytes)
-                 for g, off in zip(self.generators, offsets)]
-        ray.get(refs, timeout=timeout)
+        params = self._wait({self.trainer_ranks[0].weight_meta.remote(): "trainer-rank-0"}, "connect")["trainer-rank-0"]
+        self.names = [name for name, _, _ in params]
+        workers = self._wait({g.num_workers.remote(): f"generator-{i}" for i, g in enumerate(self.generators)},
+                             "connect")
+        sizes = [workers[f"generator-{i}"] for i in range(len(self.generators))]
+        world = 1 + sum(sizes)
+        offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+        refs = {r.init_weight_sync.remote(endpoint, world, bucket_bytes): f"trainer-rank-{i}"
+                for i, r in enumerate(self.trainer_ranks)}
+        refs.update({g.init_weight_sync.remote(endpoint, world, off, params, bucket_bytes): f"generator-{i}"
+                     for i, (g, off) in enumerate(zip(self.generators, offsets))})
+        self._wait(refs, "connect")
 
     def push(self, version: int) -> dict[str, float]:
         """Send the trainer's current weights to every generator as `version`."""
         t0 = time.perf_counter()
-        refs = [r.send_weights.remote(version) for r in self.trainer_ranks]
-        gen_refs = [g.receive_weights.remote(version) for g in self.generators]
-        sent_bytes = ray.get(refs, timeout=self.cfg.timeout_s)[0]
-        served = ray.get(gen_refs, timeout=self.cfg.timeout_s)
-        for i, v in enumerate(served):
-            if v != version:
-                raise RuntimeError(f"generator-{i} serves version {v} after a push of version {version}")
+        verify = self.cfg.verify
+        refs = {g.receive_weights.remote(version, verify): f"generator-{i}" for i, g in enumerate(self.generators)}
+        refs.update({r.send_weights.remote(version, verify): f"trainer-rank-{i}"
+                     for i, r in enumerate(self.trainer_ranks)})
+        results = self._wait(refs, f"push of version {version}")
+        sent_bytes, sent_sums = results["trainer-rank-0"]
+        for i in range(len(self.generators)):
+            for worker, (served, sums) in enumerate(results[f"generator-{i}"]):
+                if served != version:
+                    raise WeightSyncError(f"generator-{i} worker {worker} serves version {served} "
+                                          f"after a push of version {version}")
+                if verify:
+                    self._compare(sent_sums, sums, f"generator-{i} worker {worker}", version)
         self.version = version
         seconds = time.perf_counter() - t0
         return {"sync/seconds": seconds, "sync/gb": sent_bytes / 1e9, "sync/gb_per_s": sent_bytes / 1e9 / seconds}
 
     def close(self) -> None:
-        ray.get([g.close_weight_sync.remote() for g in self.generators] +
-                [r.close_weight_sync.remote() for r in self.trainer_ranks], timeout=self.cfg.timeout_s)
+        refs = {g.close_weight_sync.remote(): f"generator-{i}" for i, g in enumerate(self.generators)}
+        refs.update({r.close_weight_sync.remote(): f"trainer-rank-{i}" for i, r in enumerate(self.trainer_ranks)})
+        self._wait(refs, "close")
+
+    def _compare(self, sent: list[int], received: list[int], who: str, version: int) -> None:
+        bad = [name for name, a, b in zip(self.names, sent, received) if a != b]
+        if bad or len(sent) != len(received):
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise WeightSyncError(f"push of version {version}: {who} received tensors that differ from what "
+                                  f"trainer-rank-0 sent (checksum mismatch): {shown or 'tensor count differs'}")
+
+    def _wait(self, refs: dict[Any, str], what: str) -> dict[str, Any]:
+        """ray.get on every ref within timeout_s in all; an actor's failure or lateness names it."""
+        deadline = time.monotonic() + self.cfg.timeout_s
+        pending, results = dict(refs), {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                late = sorted(pending.values(), key=lambda who: not who.startswith("generator"))
+                raise WeightSyncError(f"weight sync {what}: no answer within {self.cfg.timeout_s:g} s from "
+                                      f"{', '.join(late)} (dead or hung)")
+            ref = done[0]
+            who = pending.pop(ref)
+            try:
+                results[who] = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                raise WeightSyncError(f"weight sync {what}: {who} died ({type(e).__name__})") from e
+            except ray.exceptions.RayTaskError as e:
+                raise WeightSyncError(f"weight sync {what}: {who} failed: {e}") from e
+        return results

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import torch
 
-from weight_sync.buckets import ParamMeta, plan_buckets, torch_dtype, unpack
+from weight_sync.buckets import Bucket, ParamMeta, plan_buckets
 from weight_sync.group import SyncGroup, open_group
+from weight_sync.receiver import receive_buckets
 
 
 class _RotaryReloadFilter(logging.Filter):
@@ -33,24 +34,28 @@ class WeightSyncWorker:
         rank = rank_offset + self.rank  # type: ignore[attr-defined]  (the vLLM Worker's rank in its engine)
         self._ws_group = open_group(backend, host, port, rank, world_size, timeout_s)
         self._ws_buckets = plan_buckets([ParamMeta(n, d, tuple(s)) for n, d, s in params], bucket_bytes)
+        from vllm.platforms import current_platform
+
+        # On CPU, fresh buffers cost more in page faults than the transfer; keep one per bucket across
+        # syncs (an extra copy of the weights in RAM). CUDA's caching allocator makes this moot on GPU.
+        self._ws_pool: dict[int, torch.Tensor] | None = {} if current_platform.is_cpu() else None
         return rank
 
-    def receive_weights(self, version: int) -> int:
-        """Receive every bucket from rank 0 and load it into the model; returns the served version."""
+    def receive_weights(self, version: int, verify: bool) -> tuple[int, list[int] | None]:
+        """Receive every bucket from rank 0 and load it into the model. Returns the version now served
+        and, if `verify`, a checksum per received tensor (compared with the sender's by the driver)."""
         if self._ws_group is None:
             raise RuntimeError("receive_weights before init_weight_sync")
-        group, buckets = self._ws_group, self._ws_buckets
-        expected = sum(len(b.params) for b in buckets)
+        expected = sum(len(b.params) for b in self._ws_buckets)
+        sums: list[int] | None = [] if verify else None
         loaded = 0
 
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
             nonlocal loaded
-            for b in buckets:
-                flat = torch.empty(b.numel, dtype=torch_dtype(b.dtype), device=group.device)
-                group.broadcast(flat, src=0)
-                for name_tensor in unpack(b, flat):
-                    loaded += 1
-                    yield name_tensor
+            for name_tensor in receive_buckets(self._ws_group, self._ws_buckets, sums, self._ws_maybe_corrupt,
+                                               self._ws_pool):
+                loaded += 1
+                yield name_tensor
 
         tensors = stream()
         from vllm.platforms import current_platform
@@ -68,7 +73,18 @@ class WeightSyncWorker:
         if consumed != expected:
             raise RuntimeError(f"vLLM loaded {consumed} of the {expected} tensors it was sent")
         self._ws_version = version
-        return version
+        return version, sums
+
+    def corrupt_next_receive(self, name: str) -> None:
+        """For tests: alter tensor `name` in the next push after it arrives, as a bad link would."""
+        self._ws_corrupt = name
+
+    def _ws_maybe_corrupt(self, bucket: Bucket, flat: torch.Tensor) -> None:
+        name = getattr(self, "_ws_corrupt", None)
+        for meta, offset in zip(bucket.params, bucket.offsets):
+            if meta.name == name:
+                flat[offset] += 1
+                self._ws_corrupt = None
 
     def weight_version(self) -> int:
         return self._ws_version
