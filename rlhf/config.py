@@ -87,7 +87,9 @@ class AlgorithmConfig:
     kl_coef: float = 0.0  # > 0 adds kl_coef * KL(policy || reference) to the loss
     kl_estimator: str = "k3"  # name in rlhf.algorithms.KL_ESTIMATORS
     ppo_epochs: int = 1
-    std_eps: float = 1e-6  # added to the group std in GRPO's normalisation
+    std_eps: float = 1e-6  # added to the std in GRPO's and REINFORCE++'s normalisation
+    gamma: float = 1.0  # per-token discount (token-level estimators: reinforce_pp, gae)
+    lam: float = 1.0  # GAE's lambda
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,11 @@ class RunConfig:
                               ("kl_estimator", algorithms.KL_ESTIMATORS)):
             name = getattr(self.algorithm, key)
             need(name in registry, f"algorithm.{key}", f"unknown {name!r}; choose one of {sorted(registry)}")
+        need(self.algorithm.advantage != "gae", "algorithm.advantage",
+             "'gae' needs a critic, which runs do not start yet; choose grpo, dr_grpo, rloo, reinforce_pp "
+             "or reinforce_pp_baseline")
+        need(0 <= self.algorithm.gamma <= 1, "algorithm.gamma", "must be in [0, 1]")
+        need(0 <= self.algorithm.lam <= 1, "algorithm.lam", "must be in [0, 1]")
         need(self.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be > 0")
         need(self.weight_sync.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
         need(self.weight_sync.logprob_gap_alarm > 0, "weight_sync.logprob_gap_alarm", "must be > 0")

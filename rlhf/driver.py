@@ -95,7 +95,7 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
                 rewards_t = torch.tensor([s.reward for s in samples], dtype=torch.float32)
                 advantages = ADVANTAGE_ESTIMATORS[a.advantage](
                     EstimatorInputs(rewards=rewards_t, mask=batch.loss_mask, group_size=group_size,
-                                    std_eps=a.std_eps))
+                                    std_eps=a.std_eps, gamma=a.gamma, lam=a.lam))
             batch = batch.with_(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages)
 
             # 5. train: ppo_epochs x mini-batches, each an optimizer step

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from rlhf.config import ConfigError, RunConfig, from_dict, load_config
@@ -51,3 +53,15 @@ def test_config_is_frozen():
     cfg = load_config(TINY)
     with pytest.raises(AttributeError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+
+
+def test_gae_is_refused_until_a_critic_runs():
+    with pytest.raises(ConfigError, match=r"algorithm.advantage: 'gae' needs a critic"):
+        load_config(TINY, ["algorithm.advantage=gae"])
