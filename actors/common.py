@@ -14,11 +14,15 @@ def torch_device(device: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
 
 
+def micro_logits(model: torch.nn.Module, mb: TrainBatch, device: torch.device) -> torch.Tensor:
+    """Logits [b, t-1, V] scoring each next token of one micro-batch (grad flows if enabled)."""
+    out = model(input_ids=mb.input_ids.to(device), attention_mask=mb.attention_mask.to(device), use_cache=False)
+    return out.logits[:, :-1]
+
+
 def micro_logprobs(model: torch.nn.Module, mb: TrainBatch, temperature: float, device: torch.device) -> torch.Tensor:
     """Log-probs [b, t-1] of each next token of one micro-batch under `model` (grad flows if enabled)."""
-    ids = mb.input_ids.to(device)
-    logits = model(input_ids=ids, attention_mask=mb.attention_mask.to(device), use_cache=False).logits
-    return token_logprobs(logits[:, :-1], ids[:, 1:], temperature)
+    return token_logprobs(micro_logits(model, mb, device), mb.input_ids[:, 1:].to(device), temperature)
 
 
 @torch.no_grad()

@@ -15,6 +15,29 @@ and returns one float per completion (None: "does not apply" to that completion)
         return [1.0 / (1 + len(c)) for c in completions]
 
 Configured by import path (`my_pkg.rewards:brevity`) or by file path (`rewards/mine.py:brevity`).
+
+All functions of a batch run at once: sync ones in a thread pool of `reward.workers` threads, async
+ones together on one event loop in a thread of its own (an async function must not block that
+loop: one that calls time.sleep stalls the others, and all of them may time out). A function runs
+beside the others but not beside itself, unless an abandoned call of it (below) is still running;
+so a class-based reward with state needs no lock unless it shares that state.
+
+Failure policy. A call fails when it raises ("raised"), does not return within `reward.timeout_s`
+("timeout"), returns something that is not a list or tuple ("wrong_type") or one of the wrong
+length ("wrong_count"); these fail every sample of the batch for that function. A single value
+fails its sample alone when it is NaN or inf ("not_finite") or not a real number (a bool, a string:
+"wrong_type"). With `reward.on_error=raise` (the default) the first failure, in configured order,
+stops the run with a RewardError naming the function, the kind and the sample (for a whole-call
+failure: the batch size and its first sample). With `on_error=penalize` each failed sample gets
+`reward.penalty` as that function's component (weighted like any value of it), and the batch's
+metrics count it: `reward/<name>/failures` per function and `reward/failures/<kind>` over all
+functions, both in samples. A failure is never a silent 0. None is not a failure: it means "does
+not apply", and every sample still needs one function that applies (a penalty counts).
+
+Python cannot kill a thread: a sync call that times out is abandoned, not stopped. It runs on in
+the background and its result is dropped; the scorer moves to a fresh pool so the stuck thread
+does not take a worker from later batches. Each abandoned call holds its thread until it returns,
+and interpreter exit waits for it.
 """
 
 from __future__ import annotations
@@ -24,13 +47,17 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import logging
 import math
 import numbers
 import sys
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rlhf.types import SampleGroup
 
@@ -89,40 +116,138 @@ class WeightedReward:
     weight: float = 1.0
 
 
+FAILURE_KINDS = ("raised", "timeout", "not_finite", "wrong_type", "wrong_count")
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What one call of one function on the batch came to: a value, an exception, or no answer in time."""
+
+    value: Any = None
+    error: BaseException | None = None
+    timed_out: bool = False
+
+
+@dataclass(frozen=True)
+class _Failure:
+    kind: str  # one of FAILURE_KINDS
+    samples: range | tuple[int, ...]  # indices in the batch: all of it for a whole-call failure
+    message: str
+    cause: BaseException | None = None
+
+
 class RewardScorer:
     """Calls every reward function on a batch of groups and writes each sample's weighted reward.
 
     The total is sum_k weight_k * r_k over the functions that returned a value for the sample; a
-    sample that no function applies to is an error (it would otherwise train on a made-up 0).
+    sample that no function applies to is an error (it would otherwise train on a made-up 0). Under
+    on_error="penalize" a failed value is replaced by `penalty` (so weight_k * penalty enters the
+    total). The module docstring describes the failure kinds, the timeout and the concurrency.
     """
 
-    def __init__(self, rewards: list[WeightedReward]):
+    def __init__(self, rewards: list[WeightedReward], on_error: Literal["raise", "penalize"] = "raise",
+                 penalty: float = 0.0, timeout_s: float = 60.0, workers: int = 4):
         if not rewards:
             raise RewardError("no reward functions configured")
+        if on_error not in ("raise", "penalize"):
+            raise RewardError(f"on_error must be 'raise' or 'penalize', not {on_error!r}")
+        if not math.isfinite(penalty):
+            raise RewardError(f"penalty must be a finite number, not {penalty!r}")
+        if not timeout_s > 0 or workers < 1:
+            raise RewardError(f"timeout_s must be > 0 and workers >= 1, not {timeout_s!r} and {workers!r}")
         self.rewards = rewards
+        self.on_error = on_error
+        self.penalty = float(penalty)
+        self.timeout_s = float(timeout_s)
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="reward")
 
     def score(self, groups: list[SampleGroup]) -> dict[str, float]:
         samples = [s for g in groups for s in g.samples]
-        kwargs = _reward_kwargs(samples)
+        outcomes = self._call_all(_reward_kwargs(samples))
         totals = [0.0] * len(samples)
         applied = [False] * len(samples)
         metrics: dict[str, float] = {}
-        for r in self.rewards:
-            values = _check(r.name, _call(r.fn, kwargs), samples)
+        failed_by_kind = dict.fromkeys(FAILURE_KINDS, 0)
+        for r, outcome in zip(self.rewards, outcomes):
+            values, failures = _check(r.name, outcome, samples, self.timeout_s)
+            if failures and self.on_error == "raise":
+                raise RewardError(failures[0].message) from failures[0].cause
+            given = [v for v in values if v is not None]
+            metrics[f"reward/{_short(r.name)}/mean"] = sum(given) / len(given) if given else math.nan
+            for f in failures:
+                failed_by_kind[f.kind] += len(f.samples)
+                for i in f.samples:
+                    values[i] = self.penalty
             for i, v in enumerate(values):
                 if v is None:
                     continue
                 totals[i] += r.weight * v
                 applied[i] = True
                 samples[i].reward_components[r.name] = v
-            given = [v for v in values if v is not None]
-            metrics[f"reward/{_short(r.name)}/mean"] = sum(given) / len(given) if given else math.nan
+            if self.on_error == "penalize":
+                n_failed = sum(len(f.samples) for f in failures)
+                metrics[f"reward/{_short(r.name)}/failures"] = float(n_failed)
+                if failures:
+                    logger.warning("%d sample(s) got reward.penalty=%g from %r; the first failure: %s",
+                                n_failed, self.penalty, r.name, failures[0].message)
+        if self.on_error == "penalize":  # zeros too, so a dashboard shows a flat line, not a gap
+            metrics.update({f"reward/failures/{kind}": float(n) for kind, n in failed_by_kind.items()})
         for i, s in enumerate(samples):
             if not applied[i]:
                 raise RewardError(f"no reward function returned a value for sample {i} "
                                   f"(prompt {s.prompt.text!r}, completion {s.text[:80]!r})")
             s.reward = totals[i]
         return metrics
+
+    def _call_all(self, kwargs: dict[str, list]) -> list[_Outcome]:
+        """Starts every function on the batch at once and returns what each came to, in configured order.
+
+        A call's timeout runs from when it starts. A sync call still queued for a worker timeout_s
+        after the batch began (more sync functions than workers, or workers stuck) is cancelled
+        and times out too, so a score() never waits much longer than timeout_s.
+        """
+        began = time.monotonic()
+        started: dict[int, float] = {}  # function index -> when its call began (written by the worker threads)
+        futures: list[Future] = []
+        is_async = [_is_async(r.fn) for r in self.rewards]
+        coroutines = []
+        for k, r in enumerate(self.rewards):
+            args = {col: list(v) for col, v in kwargs.items()}  # a function that edits its lists cannot touch another's
+            if is_async[k]:
+                futures.append(Future())
+                coroutines.append(_call_async(r.fn, args, futures[k], started, k, self.timeout_s))
+            else:
+                futures.append(self._pool.submit(_call_sync, r.fn, args, started, k))
+        if coroutines:  # a loop of its own: the caller may be sync code, or already inside a running loop
+            threading.Thread(target=asyncio.run, args=(_gather(coroutines),), name="reward-async", daemon=True).start()
+
+        outcomes: list[_Outcome] = [_Outcome()] * len(futures)
+        pending = set(range(len(futures)))
+        abandoned_thread = False
+        while pending:
+            for k in [k for k in pending if futures[k].done()]:
+                outcomes[k] = futures[k].result()
+                pending.discard(k)
+            now = time.monotonic()
+            for k in sorted(pending):
+                if futures[k].done() or now < started.get(k, began) + self.timeout_s:
+                    continue
+                if k not in started and not futures[k].cancel():  # it got a worker just now: give it its time
+                    started.setdefault(k, now)
+                    continue
+                outcomes[k] = _Outcome(timed_out=True)
+                pending.discard(k)
+                abandoned_thread |= k in started and not is_async[k]
+            if pending:
+                deadline = min(started.get(k, began) for k in pending) + self.timeout_s
+                wait([futures[k] for k in pending], timeout=max(deadline - time.monotonic(), 0.0),
+                     return_when=FIRST_COMPLETED)
+        if abandoned_thread:  # the stuck thread keeps its worker; later batches get a full pool
+            self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="reward")
+        return outcomes
 
 
 def _reward_kwargs(samples: list) -> dict[str, list]:
@@ -138,36 +263,98 @@ def _reward_kwargs(samples: list) -> dict[str, list]:
     return kwargs
 
 
-def _call(fn: Callable[..., Any], kwargs: dict[str, list]) -> Any:
-    out = fn(**kwargs)
-    if inspect.isawaitable(out):
-        out = asyncio.run(_await(out))
-    return out
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """`async def` functions and instances of classes with an `async def __call__`."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def _call_sync(fn: Callable[..., Any], args: dict[str, list], started: dict[int, float], k: int) -> _Outcome:
+    started[k] = time.monotonic()
+    try:
+        out = fn(**args)
+        if inspect.isawaitable(out):  # a sync callable that hands back a coroutine
+            out = asyncio.run(_await(out))
+        return _Outcome(value=_plain(out))
+    except BaseException as e:  # whatever a user's function throws is that function's failure
+        return _Outcome(error=e)
+
+
+async def _call_async(fn: Callable[..., Any], args: dict[str, list], result: Future, started: dict[int, float],
+                      k: int, timeout_s: float) -> None:
+    if not result.set_running_or_notify_cancel():  # timed out before the loop even began
+        return
+    started[k] = time.monotonic()
+    try:
+        out = fn(**args)
+        if inspect.isawaitable(out):
+            task = asyncio.ensure_future(out)
+            done, _ = await asyncio.wait({task}, timeout=timeout_s)
+            if not done:
+                task.cancel()
+                result.set_result(_Outcome(timed_out=True))
+                return
+            out = task.result()
+        result.set_result(_Outcome(value=_plain(out)))
+    except BaseException as e:
+        result.set_result(_Outcome(error=e))
+
+
+async def _gather(coroutines: list) -> None:
+    await asyncio.gather(*coroutines)
 
 
 async def _await(x: Any) -> Any:
     return await x
 
 
-def _check(name: str, values: Any, samples: list) -> list[float | None]:
-    if hasattr(values, "tolist"):  # numpy array or torch tensor
-        values = values.tolist()
+def _plain(values: Any) -> Any:
+    return values.tolist() if hasattr(values, "tolist") else values  # numpy array or torch tensor
+
+
+def _check(name: str, outcome: _Outcome, samples: list, timeout_s: float) -> tuple[list[float | None], list[_Failure]]:
+    """The function's value for each sample (None where it does not apply or failed) and its failures."""
+    n = len(samples)
+    first = f"the first is {_where(samples, 0)}" if samples else "the batch is empty"
+
+    def whole(kind: str, what: str, cause: BaseException | None = None) -> tuple[list[float | None], list[_Failure]]:
+        return [None] * n, [_Failure(kind, range(n), f"reward function {name!r} {what}; {first} [{kind}]", cause)]
+
+    if outcome.timed_out:
+        return whole("timeout", f"did not return within timeout_s={timeout_s:g} s on a batch of {n} completions")
+    if outcome.error is not None:
+        e = outcome.error
+        return whole("raised", f"raised {_clip(f'{type(e).__name__}: {e}', 200)} on a batch of {n} completions", e)
+    values = outcome.value
     if not isinstance(values, (list, tuple)):
-        raise RewardError(f"reward function {name!r} returned a {type(values).__name__}; "
-                          f"it must return a list of {len(samples)} floats")
-    if len(values) != len(samples):
-        raise RewardError(f"reward function {name!r} returned {len(values)} values for {len(samples)} completions")
+        return whole("wrong_type", f"returned a {type(values).__name__}; it must return a list of {n} floats")
+    if len(values) != n:
+        return whole("wrong_count", f"returned {len(values)} values for {n} completions")
     out: list[float | None] = []
+    failures: list[_Failure] = []
     for i, v in enumerate(values):
         if v is None:
             out.append(None)
             continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-            s = samples[i]
-            raise RewardError(f"reward function {name!r} returned {v!r} for sample {i} "
-                              f"(prompt {s.prompt.text!r}, completion {s.text[:80]!r}); expected a finite float")
-        out.append(float(v))
-    return out
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            kind = "wrong_type"
+        elif not math.isfinite(float(v)):
+            kind = "not_finite"
+        else:
+            out.append(float(v))
+            continue
+        out.append(None)
+        failures.append(_Failure(kind, (i,), f"reward function {name!r} returned {_clip(repr(v), 80)} for "
+                                             f"{_where(samples, i)}; expected a finite float [{kind}]"))
+    return out, failures
+
+
+def _where(samples: list, i: int) -> str:
+    s = samples[i]
+    return f"sample {i} (prompt {s.prompt.text!r}, completion {s.text[:80]!r})"
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _short(name: str) -> str:

@@ -45,6 +45,7 @@ class ModelConfig:
 class DataConfig:
     path: str = ""  # a local .jsonl/.json/.parquet/.csv file, a local dataset dir, or an HF dataset id
     split: str = "train"
+    subset: str = ""  # the dataset's configuration name, for hub datasets that have several (gsm8k: "main")
     prompt_key: str = "prompt"
     apply_chat_template: bool = False
     shuffle: bool = False  # in-order batches make reward curves repeatable (see README)
@@ -74,7 +75,14 @@ class RewardFnConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
+    """The reward functions and what happens when one fails (raises, times out, returns NaN/inf,
+    a non-number or the wrong number of values; reward/api.py lists the failure kinds)."""
+
     functions: tuple[RewardFnConfig, ...] = ()
+    on_error: Literal["raise", "penalize"] = "raise"  # raise: stop, naming the function and sample
+    penalty: float = 0.0  # under penalize: replaces the failed function's value for that sample (then weighted)
+    timeout_s: float = 60.0  # per call of one function on one batch; a late sync call is abandoned, not killed
+    workers: int = 4  # threads running sync functions concurrently; async ones share one event loop
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,25 @@ class AlgorithmConfig:
     std_eps: float = 1e-6  # added to the std in GRPO's and REINFORCE++'s normalisation
     gamma: float = 1.0  # per-token discount (token-level estimators: reinforce_pp, gae)
     lam: float = 1.0  # GAE's lambda
+    kl_in_reward: bool = False  # true: the KL penalty enters the per-token reward (classic PPO), not the loss
+    entropy_coef: float = 0.0  # > 0 subtracts entropy_coef * entropy from the loss (an exploration bonus)
+    normalize_advantages: bool = False  # whiten advantages over the batch's tokens (usual with gae)
+    # DAPO's data-side pieces (Yu et al. 2025)
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal and generate more prompts
+    max_sampling_rounds: int = 4  # generation rounds per step to fill the batch with informative groups
+    overlong_buffer: int = 0  # > 0: soft length penalty over the last N tokens before max_new_tokens
+    truncated: Literal["keep", "mask", "penalize"] = "keep"  # samples that hit max_new_tokens
+    truncated_penalty: float = -1.0  # added to a truncated sample's reward when truncated=penalize
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """The value model, created when the advantage estimator needs one (gae). It uses train.* for
+    ranks, ZeRO stage and batch sizes."""
+
+    path: str = ""  # "" = a fresh value head on the policy's own weights (model.path); or a reward model
+    lr: float = 1e-5
+    value_clip: float = 0.2  # PPO's value clipping around the rollout-time values; 0 = off
 
 
 @dataclass(frozen=True)
@@ -120,9 +147,11 @@ class ResourcesConfig:
     generator_cpus: float = 1.0
     trainer_cpus: float = 1.0
     reference_cpus: float = 0.0
+    critic_cpus: float = 0.0
     generator_gpus: float = 1.0  # used only on cuda
     trainer_gpus: float = 1.0
-    reference_gpus: float = 0.0
+    reference_gpus: float = 1.0
+    critic_gpus: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +172,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -150,6 +180,14 @@ class RunConfig:
     @property
     def rollout_batch_size(self) -> int:
         return self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.algorithm.advantage == "gae"
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.algorithm.kl_coef > 0
 
     @property
     def grad_accum_steps(self) -> int:
@@ -167,6 +205,9 @@ class RunConfig:
         need(len(self.reward.functions) > 0, "reward.functions", "needs at least one reward function")
         for i, r in enumerate(self.reward.functions):
             need(":" in r.fn, f"reward.functions.{i}.fn", f"{r.fn!r} must look like 'pkg.mod:fn' or 'file.py:fn'")
+        need(self.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+        need(self.reward.workers > 0, "reward.workers", "must be > 0")
+        need(abs(self.reward.penalty) < float("inf"), "reward.penalty", "must be a finite number")
         need(self.steps > 0, "steps", "must be > 0")
         for key in ("num_generators", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "kv_cache_gb"):
             need(getattr(self.rollout, key) > 0, f"rollout.{key}", "must be > 0")
@@ -191,9 +232,14 @@ class RunConfig:
                               ("kl_estimator", algorithms.KL_ESTIMATORS)):
             name = getattr(self.algorithm, key)
             need(name in registry, f"algorithm.{key}", f"unknown {name!r}; choose one of {sorted(registry)}")
-        need(self.algorithm.advantage != "gae", "algorithm.advantage",
-             "'gae' needs a critic, which runs do not start yet; choose grpo, dr_grpo, rloo, reinforce_pp "
-             "or reinforce_pp_baseline")
+        need(self.critic.lr > 0, "critic.lr", "must be > 0")
+        need(self.critic.value_clip >= 0, "critic.value_clip", "must be >= 0")
+        need(self.algorithm.entropy_coef >= 0, "algorithm.entropy_coef", "must be >= 0")
+        need(self.algorithm.max_sampling_rounds > 0, "algorithm.max_sampling_rounds", "must be > 0")
+        need(0 <= self.algorithm.overlong_buffer < self.rollout.max_new_tokens, "algorithm.overlong_buffer",
+             f"must be in [0, rollout.max_new_tokens={self.rollout.max_new_tokens})")
+        need(not (self.algorithm.dynamic_sampling and self.rollout.samples_per_prompt < 2),
+             "algorithm.dynamic_sampling", "needs rollout.samples_per_prompt >= 2 (a group of one has no spread)")
         need(0 <= self.algorithm.gamma <= 1, "algorithm.gamma", "must be in [0, 1]")
         need(0 <= self.algorithm.lam <= 1, "algorithm.lam", "must be in [0, 1]")
         need(self.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be > 0")

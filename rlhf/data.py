@@ -25,9 +25,9 @@ def load_prompt_dataset(cfg: DataConfig) -> Any:
     elif path.is_dir() and (path / "dataset_info.json").exists():
         ds = datasets.load_from_disk(str(path))
     elif path.exists():
-        ds = datasets.load_dataset(str(path), split=cfg.split)  # a directory of data files
+        ds = datasets.load_dataset(str(path), cfg.subset or None, split=cfg.split)  # a directory of data files
     else:
-        ds = datasets.load_dataset(cfg.path, split=cfg.split)  # an HF hub id
+        ds = datasets.load_dataset(cfg.path, cfg.subset or None, split=cfg.split)  # an HF hub id
     if cfg.prompt_key not in ds.column_names:
         raise ConfigError(f"data.prompt_key: column {cfg.prompt_key!r} not in {cfg.path} "
                           f"(columns: {ds.column_names})")

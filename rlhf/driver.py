@@ -18,36 +18,29 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
 
-from actors.reference import Reference
-from actors.trainer import PolicyTrainer, TrainerGroup
 from reward.api import RewardScorer, WeightedReward, load_reward_fn
-from rlhf.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, EstimatorInputs, masked_mean
-from rlhf.buffer import ReplayBuffer
+from rlhf.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    EstimatorInputs,
+    explained_variance,
+    gae_returns,
+    groups_with_signal,
+    kl_penalty_rewards,
+    masked_mean,
+    whiten_over_mask,
+)
 from rlhf.config import RunConfig
 from rlhf.data import PromptLoader, load_prompt_dataset
 from rlhf.metrics import RunLog
+from rlhf.shaping import mask_truncated, shape_rewards
+from rlhf.topology import Topology, build_topology, resolve_device, teardown
 from rlhf.types import Prompt, Sample, SampleGroup, TrainBatch, collate
-from rollout.generator import Generator, generator_env
-from weight_sync.service import WeightSyncService
-
-
-class ResourceError(RuntimeError):
-    """The Ray cluster cannot host the actors the config asks for."""
-
-
-@dataclass
-class Topology:
-    generators: list[Any]  # Generator actors, one vLLM engine each
-    trainer: TrainerGroup  # the DeepSpeed ranks
-    reference: Any | None  # Reference actor, None when kl_coef == 0
-    weight_sync: WeightSyncService
-    buffer: ReplayBuffer
 
 
 def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> dict[str, Any]:
@@ -64,7 +57,8 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
     loader = PromptLoader(load_prompt_dataset(cfg.data), tokenizer, cfg.data, cfg.seed)
     rewards = [WeightedReward(r.fn, load_reward_fn(r.fn), r.weight) for r in cfg.reward.functions]
     rewards += [WeightedReward(getattr(fn, "__name__", repr(fn)), fn) for fn in reward_fns or []]
-    scorer = RewardScorer(rewards)
+    scorer = RewardScorer(rewards, on_error=cfg.reward.on_error, penalty=cfg.reward.penalty,
+                          timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers)
     log = RunLog(cfg)
     topo = build_topology(cfg, device, run_id=log.dir.name)
     a, group_size = cfg.algorithm, cfg.rollout.samples_per_prompt
@@ -73,34 +67,42 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
             m: dict[str, float] = {}
             t_step = time.perf_counter()
 
-            # 1. prompts -> rollout: samples_per_prompt completions of each prompt
-            prompts = loader.next_batch(cfg.rollout.prompts_per_step)
-            with timed(m, "generate"):
-                groups = generate(topo.generators, prompts, seed=cfg.seed * 1_000_003 + step * 10_007)
-
-            # 2. reward, then into the replay buffer
-            with timed(m, "reward"):
-                m.update(scorer.score(groups))
+            # 1-2. prompts -> rollout -> reward (DAPO's dynamic sampling: more rounds until every group has signal)
+            groups = collect_groups(topo, loader, scorer, cfg, step, m)
             topo.buffer.put(groups)
 
-            # 3. the trainer's ("old") and the reference's log-probs of the sampled tokens
-            samples = [s for g in topo.buffer.take(cfg.rollout.prompts_per_step) for s in g.samples]
+            # 3. the trainer's ("old") and the reference's log-probs of the sampled tokens; the critic's values
+            samples = [s for g in topo.buffer.take(len(groups)) for s in g.samples]
             batch = collate(samples, pad_id)
+            if a.truncated == "mask":
+                batch = mask_truncated(batch, samples)
             with timed(m, "logprobs"):
                 old_logprobs = topo.trainer.compute_logprobs(batch)
                 ref_logprobs = ray.get(topo.reference.compute_logprobs.remote(batch)) if topo.reference else None
+                values = topo.critic.compute_values(batch) if topo.critic else None
 
-            # 4. advantages
+            # 4. advantages (and the critic's targets)
             with timed(m, "advantages"):
+                mask = batch.loss_mask
+                token_rewards = None
+                if a.kl_in_reward and ref_logprobs is not None:
+                    token_rewards = kl_penalty_rewards(old_logprobs, ref_logprobs, mask, a.kl_coef, a.kl_estimator)
                 rewards_t = torch.tensor([s.reward for s in samples], dtype=torch.float32)
-                advantages = ADVANTAGE_ESTIMATORS[a.advantage](
-                    EstimatorInputs(rewards=rewards_t, mask=batch.loss_mask, group_size=group_size,
-                                    std_eps=a.std_eps, gamma=a.gamma, lam=a.lam))
-            batch = batch.with_(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages)
+                advantages = ADVANTAGE_ESTIMATORS[a.advantage](EstimatorInputs(
+                    rewards=rewards_t, mask=mask, group_size=group_size, std_eps=a.std_eps, values=values,
+                    token_rewards=token_rewards, gamma=a.gamma, lam=a.lam))
+                returns = gae_returns(advantages, values, mask) if values is not None else None
+                if a.normalize_advantages:
+                    advantages = whiten_over_mask(advantages, mask, a.std_eps)
+            batch = batch.with_(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
+                                values=values, returns=returns)
 
-            # 5. train: ppo_epochs x mini-batches, each an optimizer step
+            # 5. train: ppo_epochs x mini-batches, each an optimizer step; then the critic on the same batch
             with timed(m, "train"):
                 m.update(topo.trainer.train(batch, step))
+                if topo.critic:
+                    m.update(topo.critic.train(batch, step))
+                    m["critic/explained_var"] = explained_variance(values, returns, mask)
 
             # 6. weight sync: every generator serves the new policy version
             with timed(m, "sync"):
@@ -116,6 +118,39 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
         raise
     teardown(topo)
     return log.finish({"prompts_skipped_too_long": loader.skipped_too_long, "device": device})
+
+
+def collect_groups(topo: Topology, loader: PromptLoader, scorer: RewardScorer, cfg: RunConfig, step: int,
+                   m: dict[str, float]) -> list[SampleGroup]:
+    """prompts_per_step scored groups. With dynamic sampling, groups whose rewards are all equal
+    (no signal for a group baseline) are set aside and more prompts generated, up to
+    max_sampling_rounds; if the batch is still short, set-aside groups fill it. Every prompt taken
+    is counted: data/prompts_taken = data/prompts_trained + data/prompts_filtered."""
+    a, want = cfg.algorithm, cfg.rollout.prompts_per_step
+    kept: list[SampleGroup] = []
+    set_aside: list[SampleGroup] = []
+    taken = 0
+    for round_ in range(a.max_sampling_rounds if a.dynamic_sampling else 1):
+        prompts = loader.next_batch(want - len(kept))
+        taken += len(prompts)
+        with timed(m, "generate"):
+            new = generate(topo.generators, prompts, seed=cfg.seed * 1_000_003 + step * 10_007 + round_ * 101)
+        with timed(m, "reward"):
+            m.update(scorer.score(new))
+            m.update(shape_rewards([s for g in new for s in g.samples], a, cfg.rollout.max_new_tokens))
+        if not a.dynamic_sampling:
+            kept = new
+            break
+        rewards = torch.tensor([s.reward for g in new for s in g.samples])
+        for g, signal in zip(new, groups_with_signal(rewards, cfg.rollout.samples_per_prompt).tolist()):
+            (kept if signal else set_aside).append(g)
+        if len(kept) == want:
+            break
+    filled = want - len(kept)
+    kept += set_aside[:filled]
+    m.update({"data/prompts_taken": float(taken), "data/prompts_trained": float(len(kept)),
+              "data/prompts_filtered": float(taken - len(kept)), "data/filled_without_signal": float(filled)})
+    return kept
 
 
 def generate(generators: list[Any], prompts: list[Prompt], seed: int, greedy: bool = False) -> list[SampleGroup]:
@@ -159,79 +194,8 @@ def gap_alarm(gap: float, threshold: float, step: int) -> float:
 
 @contextlib.contextmanager
 def timed(metrics: dict[str, float], phase: str) -> Iterator[None]:
+    """Adds the block's seconds to metrics["timing/<phase>_s"] (a phase may run several times a step)."""
     t0 = time.perf_counter()
     yield
-    metrics[f"timing/{phase}_s"] = time.perf_counter() - t0
-
-
-# ---- the Ray topology ----
-
-def resolve_device(cfg: RunConfig) -> str:
-    if cfg.resources.device != "auto":
-        return cfg.resources.device
-    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-
-
-def check_resources(cfg: RunConfig, device: str) -> None:
-    """Refuse, naming the shortfall, a config whose actors the cluster could never place (Ray would wait forever)."""
-    r = cfg.resources
-    with_ref = cfg.algorithm.kl_coef > 0
-    kinds = [("CPU", r.generator_cpus, r.trainer_cpus, r.reference_cpus)]
-    if device == "cuda":
-        kinds.append(("GPU", r.generator_gpus, r.trainer_gpus, r.reference_gpus))
-    have = ray.cluster_resources()
-    for kind, gen, trn, ref in kinds:
-        need = cfg.rollout.num_generators * gen + cfg.train.ranks * trn + (ref if with_ref else 0.0)
-        if need > have.get(kind, 0.0) + 1e-9:
-            raise ResourceError(
-                f"the run needs {need:g} {kind}s ({cfg.rollout.num_generators} generators x {gen:g} + "
-                f"{cfg.train.ranks} trainer ranks x {trn:g}" + (f" + reference {ref:g}" if with_ref else "") +
-                f") but the Ray cluster has {have.get(kind, 0.0):g}; lower resources.* or add nodes")
-
-
-def build_topology(cfg: RunConfig, device: str, run_id: str) -> Topology:
-    """Every actor of the run, named by role so the Ray dashboard shows who is who."""
-    check_resources(cfg, device)
-    created: list[Any] = []  # killed again if a later actor fails to start
-    try:
-        return _build(cfg, device, run_id, created)
-    except BaseException:
-        for actor in created:
-            ray.kill(actor)
-        raise
-
-
-def _build(cfg: RunConfig, device: str, run_id: str, created: list[Any]) -> Topology:
-    r, gpu = cfg.resources, device == "cuda"
-    generators = [
-        Generator.options(name=f"{run_id}:generator-{i}", num_cpus=r.generator_cpus,
-                          num_gpus=r.generator_gpus if gpu else 0,
-                          runtime_env={"env_vars": generator_env(cfg, device)}).remote(i, cfg, device)
-        for i in range(cfg.rollout.num_generators)
-    ]
-    ranks = [PolicyTrainer.options(name=f"{run_id}:trainer-rank-{i}", num_cpus=r.trainer_cpus,
-                                   num_gpus=r.trainer_gpus if gpu else 0).remote(cfg, i, cfg.train.ranks, device)
-             for i in range(cfg.train.ranks)]
-    created += generators + ranks
-    master_addr, master_port = ray.get(ranks[0].rendezvous_endpoint.remote())
-    ray.get([rank.setup.remote(master_addr, master_port) for rank in ranks])
-    trainer = TrainerGroup(ranks, cfg)
-    reference = None
-    if cfg.algorithm.kl_coef > 0:
-        reference = Reference.options(name=f"{run_id}:reference", num_cpus=r.reference_cpus,
-                                      num_gpus=r.reference_gpus if gpu else 0).remote(cfg, device)
-        created.append(reference)
-    backend = cfg.weight_sync.backend if cfg.weight_sync.backend != "auto" else ("nccl" if gpu else "gloo")
-    weight_sync = WeightSyncService(ranks, generators, cfg.weight_sync, backend)
-    weight_sync.connect()
-    buffer = ReplayBuffer(capacity_groups=2 * cfg.rollout.prompts_per_step)
-    return Topology(generators, trainer, reference, weight_sync, buffer)
-
-
-def teardown(topo: Topology, graceful: bool = True) -> None:
-    if graceful:
-        with contextlib.suppress(Exception):
-            topo.weight_sync.close()
-    for actor in [*topo.generators, *topo.trainer.ranks, topo.reference]:
-        if actor is not None:
-            ray.kill(actor)
+    key = f"timing/{phase}_s"
+    metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - t0

@@ -52,6 +52,8 @@ class TrainBatch:
     old_logprobs: torch.Tensor | None = None  # [B, T-1] the trainer's log-probs before this step's updates
     ref_logprobs: torch.Tensor | None = None  # [B, T-1] the frozen reference's log-probs
     advantages: torch.Tensor | None = None  # [B, T-1]
+    values: torch.Tensor | None = None  # [B, T-1] the critic's values when the batch was scored (gae)
+    returns: torch.Tensor | None = None  # [B, T-1] the critic's regression targets
     loss_denominator: float = 0.0  # of the whole mini-batch this is a shard of (rlhf.algorithms.aggregate)
 
     @property

@@ -50,7 +50,7 @@ def ray_cluster():
 def stack(ray_cluster, tiny_model, tmp_path_factory):
     """A live topology (2 generators, 1 trainer rank, weight sync connected) shared by component tests."""
     from rlhf.config import load_config
-    from rlhf.driver import build_topology, teardown
+    from rlhf.topology import build_topology, teardown
 
     tmp = tmp_path_factory.mktemp("stack")
     cfg = load_config(REPO / "configs" / "grpo_tiny.yaml",

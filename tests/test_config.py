@@ -62,6 +62,17 @@ def test_every_shipped_config_loads_and_validates(path):
     assert cfg.name == path.stem
 
 
-def test_gae_is_refused_until_a_critic_runs():
-    with pytest.raises(ConfigError, match=r"algorithm.advantage: 'gae' needs a critic"):
-        load_config(TINY, ["algorithm.advantage=gae"])
+def test_the_estimator_decides_which_models_run():
+    assert load_config(TINY, ["algorithm.advantage=gae"]).uses_critic
+    assert not load_config(TINY).uses_critic and not load_config(TINY).uses_reference
+    assert load_config(TINY, ["algorithm.kl_coef=0.01"]).uses_reference
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algorithm.overlong_buffer=32", r"algorithm.overlong_buffer: must be in \[0, rollout.max_new_tokens=32\)"),
+    ("algorithm.truncated=drop", r"algorithm.truncated: 'drop' is not one of \['keep', 'mask', 'penalize'\]"),
+    ("critic.value_clip=-1", r"critic.value_clip: must be >= 0"),
+])
+def test_algorithm_knobs_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, [override])

@@ -7,6 +7,7 @@ from rlhf.algorithms.advantages import (
     gae_returns,
     grouped_rewards,
     token_level_rewards,
+    whiten_over_mask,
 )
 from rlhf.algorithms.dapo import groups_with_signal, overlong_penalty
 from rlhf.algorithms.kl import KL_ESTIMATORS, kl_penalty_rewards
@@ -18,11 +19,11 @@ from rlhf.algorithms.losses import (
     aggregate,
     loss_denominator,
 )
-from rlhf.algorithms.value import value_loss
+from rlhf.algorithms.value import explained_variance, value_loss
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "POLICY_LOSSES", "EstimatorInputs",
     "PolicyLossOutput", "aggregate", "discounted_sum", "entropy_from_logits", "gae_returns", "grouped_rewards",
     "groups_with_signal", "kl_penalty_rewards", "loss_denominator", "masked_mean", "overlong_penalty",
-    "token_level_rewards", "token_logprobs", "value_loss",
+    "token_level_rewards", "token_logprobs", "value_loss", "explained_variance", "whiten_over_mask",
 ]

@@ -74,7 +74,7 @@ def discounted_sum(x: torch.Tensor, mask: torch.Tensor, discount: float) -> torc
     return torch.stack(out[::-1], dim=1)
 
 
-def _whiten_over_mask(x: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
+def whiten_over_mask(x: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
     """(x - mean) / (std + eps) with mean and population std over every mask token of the batch; 0 if std is 0."""
     mask = mask.float()
     n = mask.sum().clamp(min=1)
@@ -134,7 +134,7 @@ def reinforce_pp(x: EstimatorInputs) -> torch.Tensor:
     "Global" means this call's batch: call it on the whole rollout batch, before splitting into shards.
     """
     returns = discounted_sum(token_level_rewards(x), x.mask, x.gamma)
-    return _whiten_over_mask(returns, x.mask, x.std_eps)
+    return whiten_over_mask(returns, x.mask, x.std_eps)
 
 
 @ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline")

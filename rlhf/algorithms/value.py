@@ -22,3 +22,11 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         raise ValueError(f"clip_range must be > 0 or None (no clipping), got {clip_range}")
     moved = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     return 0.5 * torch.maximum(unclipped, (moved - returns) ** 2)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens: 1 is a perfect critic, 0 a constant one."""
+    m = mask.bool()
+    r, v = returns[m], values[m]
+    var = r.var(unbiased=False)
+    return float("nan") if var == 0 else (1 - (r - v).var(unbiased=False) / var).item()

@@ -1,0 +1,120 @@
+"""What every DeepSpeed data-parallel rank shares, policy and critic alike: the rendezvous, the
+engine, the loss scaling, and the driver-side sharding of a batch into per-rank mini-batch shards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+import torch
+
+from actors.common import torch_device
+from rlhf.algorithms import loss_denominator
+from rlhf.config import RunConfig
+from rlhf.types import TrainBatch
+from weight_sync.group import free_port
+
+
+def deepspeed_config(cfg: RunConfig, device: str, lr: float) -> dict:
+    t = cfg.train
+    return {
+        "train_batch_size": t.mini_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "optimizer": {
+            "type": "AdamW",
+            # On CPU, torch's AdamW: DeepSpeed's default fused Adam needs CUDA, and its CPU Adam
+            # JIT-compiles for ~45 s on first use.
+            "params": {"lr": lr, "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay,
+                       "torch_adam": device == "cpu"},
+        },
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def node_host() -> str:
+    """Loopback on a one-node cluster (nothing listens beyond the laptop), the node's IP otherwise."""
+    return "127.0.0.1" if len(ray.nodes()) == 1 else ray.util.get_node_ip_address()
+
+
+class DeepSpeedRank:
+    """Rank `rank` of `world_size`; subclasses build the model and are the Ray actors."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, device: str):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = torch_device(device)
+        self.backend = "nccl" if device == "cuda" else "gloo"
+
+    def rendezvous_endpoint(self) -> tuple[str, int]:
+        """Where rank 0 hosts DeepSpeed's rendezvous (asked of rank 0 before any rank sets up)."""
+        host = node_host()
+        return host, free_port(host)
+
+    def _start_engine(self, master_addr: str, master_port: int, build_model: Any, lr: float) -> None:
+        """Join the DeepSpeed group and wrap `build_model()` in an engine; all ranks call this together."""
+        import deepspeed
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")  # Ray gives each rank its own device
+        if self.cfg.train.threads:
+            torch.set_num_threads(self.cfg.train.threads)
+        torch.manual_seed(self.cfg.seed)
+        deepspeed.init_distributed(dist_backend=self.backend, auto_mpi_discovery=False)
+        model = build_model()
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               config=deepspeed_config(self.cfg, self.device.type, lr))
+
+    def _backward_step(self, loss: torch.Tensor) -> None:
+        # Each shard's loss is already its share of the mini-batch's loss (global denominator), so
+        # undo DeepSpeed's averaging over ranks and skip its 1/gas scaling; it steps at the boundary.
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.engine.step()
+
+    def _grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _all_parameters_gathered(self) -> Any:
+        """Full parameters on every rank for the duration (ZeRO-3 partitions them; a no-op otherwise)."""
+        if self.cfg.train.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+
+
+def minibatch_rows(n: int, mini_batch_size: int, epochs: int, seed: int) -> Iterator[torch.Tensor]:
+    """Row indices of each mini-batch: in order for the first epoch, reshuffled for later ones."""
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        order = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=gen)
+        yield from order.split(mini_batch_size)
+
+
+def shard_minibatches(batch: TrainBatch, cfg: RunConfig, step: int, world: int,
+                      loss_agg: str) -> list[list[TrainBatch]]:
+    """Per rank, its shard of every mini-batch of every PPO epoch, each shard carrying the whole
+    mini-batch's loss denominator (so shards' losses sum to the mini-batch's loss)."""
+    per_rank: list[list[TrainBatch]] = [[] for _ in range(world)]
+    for rows in minibatch_rows(batch.size, cfg.train.mini_batch_size, cfg.algorithm.ppo_epochs,
+                               seed=cfg.seed * 100_003 + step):
+        mb = batch.select(rows)
+        mb = mb.with_(loss_denominator=loss_denominator(mb.loss_mask, loss_agg, cfg.rollout.max_new_tokens))
+        for r, shard in enumerate(mb.chunks(world)):
+            per_rank[r].append(shard)
+    return per_rank
+
+
+def sharded_forward(ranks: list, batch: TrainBatch, call: Any) -> torch.Tensor:
+    """[B, T-1] from per-rank [b, t-1] results of `call(rank, shard)`, re-padded to the batch's width."""
+    shards = batch.chunks(len(ranks))
+    parts = ray.get([call(r, shard) for r, shard in zip(ranks, shards)])
+    width = batch.loss_mask.shape[1]
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
