@@ -15,6 +15,8 @@ and returns one float per completion (None: "does not apply" to that completion)
         return [1.0 / (1 + len(c)) for c in completions]
 
 Configured by import path (`my_pkg.rewards:brevity`) or by file path (`rewards/mine.py:brevity`).
+A function of one sample, `score(prompt, completion, **row) -> float`, becomes one of this form with
+the `per_sample` decorator (below).
 
 All functions of a batch run at once: sync ones in a thread pool of `reward.workers` threads, async
 ones together on one event loop in a thread of its own (an async function must not block that
@@ -43,6 +45,7 @@ and interpreter exit waits for it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -107,6 +110,45 @@ def _import_file(path: Path, spec: str) -> Any:
         del sys.modules[mod_name]
         raise RewardError(f"reward function {spec!r}: importing {path} failed: {e!r}") from e
     return module
+
+
+def per_sample(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turns a reward of one sample into a reward function of the batch:
+
+        @per_sample
+        def digits(prompt, completion, charset, **kwargs):  # -> float | None
+            return sum(c in charset for c in completion) / max(len(completion), 1)
+
+    `fn` gets, by keyword, `prompt`, `completion`, `completion_ids` (None when the caller gave none)
+    and each dataset column's value for that sample. The wrapper has the batch signature and keeps
+    `fn`'s name. For an `async def` fn the wrapper is async too and awaits the samples concurrently
+    (asyncio.gather), so a fn that waits on I/O waits once per batch, not once per sample.
+    """
+    def split(prompts: list[str], completions: list[str], completion_ids: list[list[int]] | None,
+              columns: dict[str, list]) -> list[dict[str, Any]]:
+        clash = sorted({"prompt", "completion", "completion_ids"} & columns.keys())
+        if clash:
+            raise RewardError(f"per-sample reward {getattr(fn, '__name__', fn)!r}: dataset column {clash[0]!r} "
+                              f"clashes with a per-sample argument; rename it")
+        ids = completion_ids if completion_ids is not None else [None] * len(prompts)
+        return [{"prompt": p, "completion": c, "completion_ids": i, **{k: v[n] for k, v in columns.items()}}
+                for n, (p, c, i) in enumerate(zip(prompts, completions, ids))]
+
+    if _is_async(fn):
+        @functools.wraps(fn)
+        async def batched_async(prompts: list[str], completions: list[str],
+                                completion_ids: list[list[int]] | None = None, **columns: list) -> list:
+            rows = split(prompts, completions, completion_ids, columns)
+            return list(await asyncio.gather(*(fn(**row) for row in rows)))
+
+        return batched_async
+
+    @functools.wraps(fn)
+    def batched(prompts: list[str], completions: list[str], completion_ids: list[list[int]] | None = None,
+                **columns: list) -> list:
+        return [fn(**row) for row in split(prompts, completions, completion_ids, columns)]
+
+    return batched
 
 
 @dataclass(frozen=True)

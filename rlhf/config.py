@@ -74,11 +74,36 @@ class RewardFnConfig:
 
 
 @dataclass(frozen=True)
+class RemoteRewardConfig:
+    """A reward served over HTTP: batches are POSTed as JSON (reward/remote.py has the protocol)."""
+
+    url: str = ""  # e.g. http://127.0.0.1:8000/score
+    weight: float = 1.0
+    timeout_s: float = 10.0  # per HTTP attempt
+    retries: int = 2  # further attempts after a failed one (connection error, timeout, HTTP 5xx)
+    backoff_s: float = 0.5  # wait before retry k: backoff_s * 2**(k-1)
+    max_request_mb: float = 16.0  # a batch whose JSON is larger is split into several requests
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """A reward model (HF AutoModelForSequenceClassification) scoring (prompt, completion) in its own actor."""
+
+    path: str = ""  # local directory or HF id; "" = no reward model
+    weight: float = 1.0
+    batch_size: int = 16
+    max_length: int = 1024  # prompt + completion tokens; longer inputs are truncated from the left
+
+
+@dataclass(frozen=True)
 class RewardConfig:
     """The reward functions and what happens when one fails (raises, times out, returns NaN/inf,
-    a non-number or the wrong number of values; reward/api.py lists the failure kinds)."""
+    a non-number or the wrong number of values; reward/api.py lists the failure kinds). Functions,
+    remote rewards and the reward model add up, each with its weight."""
 
     functions: tuple[RewardFnConfig, ...] = ()
+    remote: tuple[RemoteRewardConfig, ...] = ()
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
     on_error: Literal["raise", "penalize"] = "raise"  # raise: stop, naming the function and sample
     penalty: float = 0.0  # under penalize: replaces the failed function's value for that sample (then weighted)
     timeout_s: float = 60.0  # per call of one function on one batch; a late sync call is abandoned, not killed
@@ -148,10 +173,12 @@ class ResourcesConfig:
     trainer_cpus: float = 1.0
     reference_cpus: float = 0.0
     critic_cpus: float = 0.0
+    reward_model_cpus: float = 0.0
     generator_gpus: float = 1.0  # used only on cuda
     trainer_gpus: float = 1.0
     reference_gpus: float = 1.0
     critic_gpus: float = 1.0
+    reward_model_gpus: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -202,7 +229,14 @@ class RunConfig:
 
         need(bool(self.model.path), "model.path", "is required")
         need(bool(self.data.path), "data.path", "is required")
-        need(len(self.reward.functions) > 0, "reward.functions", "needs at least one reward function")
+        need(len(self.reward.functions) + len(self.reward.remote) > 0 or bool(self.reward.model.path),
+             "reward", "needs at least one of reward.functions, reward.remote or reward.model.path")
+        for i, r in enumerate(self.reward.remote):
+            need(r.url.startswith(("http://", "https://")), f"reward.remote.{i}.url",
+                 f"{r.url!r} is not an http(s) URL")
+            need(r.timeout_s > 0 and r.retries >= 0 and r.backoff_s >= 0 and r.max_request_mb > 0,
+                 f"reward.remote.{i}", "needs timeout_s > 0, retries >= 0, backoff_s >= 0, max_request_mb > 0")
+        need(self.reward.model.batch_size > 0, "reward.model.batch_size", "must be > 0")
         for i, r in enumerate(self.reward.functions):
             need(":" in r.fn, f"reward.functions.{i}.fn", f"{r.fn!r} must look like 'pkg.mod:fn' or 'file.py:fn'")
         need(self.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")

@@ -24,6 +24,8 @@ import ray
 import torch
 
 from reward.api import RewardScorer, WeightedReward, load_reward_fn
+from reward.model import ModelReward
+from reward.remote import RemoteReward
 from rlhf.algorithms import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
@@ -55,14 +57,18 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader = PromptLoader(load_prompt_dataset(cfg.data), tokenizer, cfg.data, cfg.seed)
-    rewards = [WeightedReward(r.fn, load_reward_fn(r.fn), r.weight) for r in cfg.reward.functions]
+    rewards = [WeightedReward(r.fn, load_reward_fn(r.fn), r.weight) for r in cfg.reward.functions]  # fail fast
+    rewards += [WeightedReward(f"remote.{i}", RemoteReward.from_config(r), r.weight)
+                for i, r in enumerate(cfg.reward.remote)]
     rewards += [WeightedReward(getattr(fn, "__name__", repr(fn)), fn) for fn in reward_fns or []]
-    scorer = RewardScorer(rewards, on_error=cfg.reward.on_error, penalty=cfg.reward.penalty,
-                          timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers)
     log = RunLog(cfg)
     topo = build_topology(cfg, device, run_id=log.dir.name)
     a, group_size = cfg.algorithm, cfg.rollout.samples_per_prompt
     try:
+        if topo.reward_model is not None:
+            rewards.append(WeightedReward("reward_model", ModelReward(topo.reward_model), cfg.reward.model.weight))
+        scorer = RewardScorer(rewards, on_error=cfg.reward.on_error, penalty=cfg.reward.penalty,
+                              timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers)
         for step in range(1, cfg.steps + 1):
             m: dict[str, float] = {}
             t_step = time.perf_counter()

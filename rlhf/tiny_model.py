@@ -69,6 +69,21 @@ def build(out: Path, corpus: Path | None = None, size: str = "tiny", vocab_size:
     return info
 
 
+def build_reward_model(out: Path, corpus: Path | None = None, seed: int = 4321) -> dict:
+    """A tiny random-init Qwen2 reward model (sequence classification, one output) with the same
+    kind of locally trained tokenizer: for tests of the reward-model scorer."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
+
+    info = build(out, corpus, size="tiny", seed=seed)  # writes the tokenizer (and a causal LM, replaced below)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), head_dim=64, max_position_embeddings=1024, num_labels=1,
+                         use_sliding_window=False, pad_token_id=tokenizer.pad_token_id, **SIZES["tiny"])
+    Qwen2ForSequenceClassification(config).float().save_pretrained(out, safe_serialization=True)
+    return {**info, "kind": "reward_model"}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m rlhf.tiny_model", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path, help="directory to write the model and tokenizer to")
@@ -76,8 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", default="tiny", choices=sorted(SIZES))
     ap.add_argument("--vocab-size", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--reward-model", action="store_true", help="a sequence-classification reward model instead")
     args = ap.parse_args(argv)
-    print(json.dumps(build(args.out, args.corpus, args.size, args.vocab_size, args.seed)))
+    if args.reward_model:
+        print(json.dumps(build_reward_model(args.out, args.corpus, args.seed)))
+    else:
+        print(json.dumps(build(args.out, args.corpus, args.size, args.vocab_size, args.seed)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import ray
 from actors.critic import CriticGroup, CriticTrainer
 from actors.reference import Reference
 from actors.trainer import PolicyTrainer, TrainerGroup
+from reward.model import RewardModel
 from rlhf.buffer import ReplayBuffer
 from rlhf.config import RunConfig
 from rollout.generator import Generator, generator_env
@@ -32,6 +33,7 @@ class Topology:
     trainer: TrainerGroup  # the policy's DeepSpeed ranks
     critic: CriticGroup | None  # the value model's DeepSpeed ranks, when the estimator needs one (gae)
     reference: Any | None  # Reference actor, when kl_coef > 0
+    reward_model: Any | None  # reward.model.RewardModel actor, when reward.model.path is set
     weight_sync: WeightSyncService
     buffer: ReplayBuffer
 
@@ -51,6 +53,8 @@ def check_resources(cfg: RunConfig, device: str) -> None:
         roles.append(("reference", 1, r.reference_cpus, r.reference_gpus))
     if cfg.uses_critic:
         roles.append(("critic ranks", ranks, r.critic_cpus, r.critic_gpus))
+    if cfg.reward.model.path:
+        roles.append(("reward model", 1, r.reward_model_cpus, r.reward_model_gpus))
     have = ray.cluster_resources()
     for kind, col in (("CPU", 2), ("GPU", 3)):
         if kind == "GPU" and device != "cuda":
@@ -95,11 +99,16 @@ def _build(cfg: RunConfig, device: str, run_id: str, created: list[Any]) -> Topo
         reference = Reference.options(name=f"{run_id}:reference", num_cpus=r.reference_cpus,
                                       num_gpus=r.reference_gpus if gpu else 0).remote(cfg, device)
         created.append(reference)
+    reward_model = None
+    if cfg.reward.model.path:
+        reward_model = RewardModel.options(name=f"{run_id}:reward-model", num_cpus=r.reward_model_cpus,
+                                           num_gpus=r.reward_model_gpus if gpu else 0).remote(cfg, device)
+        created.append(reward_model)
     backend = cfg.weight_sync.backend if cfg.weight_sync.backend != "auto" else ("nccl" if gpu else "gloo")
     weight_sync = WeightSyncService(ranks, generators, cfg.weight_sync, backend)
     weight_sync.connect()
     buffer = ReplayBuffer(capacity_groups=2 * cfg.rollout.prompts_per_step)
-    return Topology(generators, trainer, critic, reference, weight_sync, buffer)
+    return Topology(generators, trainer, critic, reference, reward_model, weight_sync, buffer)
 
 
 def _deepspeed_ranks(actor: Any, role: str, cfg: RunConfig, device: str, run_id: str, cpus: float, gpus: float,
@@ -119,6 +128,6 @@ def teardown(topo: Topology, graceful: bool = True) -> None:
         with contextlib.suppress(Exception):
             topo.weight_sync.close()
     for actor in [*topo.generators, *topo.trainer.ranks, *(topo.critic.ranks if topo.critic else []),
-                  topo.reference]:
+                  topo.reference, topo.reward_model]:
         if actor is not None:
             ray.kill(actor)

@@ -44,3 +44,23 @@ def test_buffer_is_fifo_and_refuses_overflow_and_unscored():
     with pytest.raises(ValueError, match="unscored sample"):
         buf.put([unscored])
     assert buf.total_put == 2 and buf.total_taken == 2
+
+
+def test_minibatch_shards_cover_every_sample_once_per_epoch_with_global_denominators():
+    from actors.deepspeed_rank import shard_minibatches
+    from rlhf.config import load_config
+
+    cfg = load_config("configs/grpo_tiny.yaml", ["train.ranks=2", "train.micro_batch_size=4",
+                                                 "train.mini_batch_size=16", "algorithm.ppo_epochs=2"])
+    ss = [sample([1, 2], [3] * (1 + i % 5), reward=1.0, index=i) for i in range(32)]
+    batch = collate(ss, pad_id=0)
+    per_rank = shard_minibatches(batch, cfg, step=1, world=2, loss_agg="token-mean")
+    assert [len(shards) for shards in per_rank] == [4, 4]  # 2 epochs x 32/16 mini-batches, one shard each
+    for epoch in range(2):
+        seen = []
+        for k in range(2 * epoch, 2 * epoch + 2):
+            a, b = per_rank[0][k], per_rank[1][k]
+            assert a.size == b.size == 8 and a.loss_denominator == b.loss_denominator
+            assert a.loss_denominator == a.loss_mask.sum().item() + b.loss_mask.sum().item()  # whole mini-batch
+            seen += [row for shard in (a, b) for row in shard.loss_mask.sum(1).tolist()]
+        assert sorted(seen) == sorted(batch.loss_mask.sum(1).tolist())  # every sample once per epoch
