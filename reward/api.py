@@ -53,11 +53,12 @@ import inspect
 import logging
 import math
 import numbers
+import queue
 import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -179,6 +180,43 @@ class _Failure:
     cause: BaseException | None = None
 
 
+class _DaemonPool:
+    """`workers` daemon threads running submitted calls, each returning a concurrent.futures.Future.
+
+    Not a ThreadPoolExecutor: the interpreter joins those threads at exit, so a reward call that never
+    returns (abandoned after its timeout) would keep the run's process alive forever. Daemon threads
+    do not; the abandoned call dies with the process.
+    """
+
+    def __init__(self, workers: int):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers = workers
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"reward-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, fn, args = self._jobs.get()
+            if future is None:
+                return
+            if not future.set_running_or_notify_cancel():  # cancelled while queued
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001  (handed to the caller through the future)
+                future.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Idle threads exit; a thread stuck in a call exits when (if) the call returns."""
+        for _ in range(self._workers):
+            self._jobs.put((None, None, None))
+
+
 class RewardScorer:
     """Calls every reward function on a batch of groups and writes each sample's weighted reward.
 
@@ -203,7 +241,7 @@ class RewardScorer:
         self.penalty = float(penalty)
         self.timeout_s = float(timeout_s)
         self.workers = workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="reward")
+        self._pool = _DaemonPool(workers)
 
     def score(self, groups: list[SampleGroup]) -> dict[str, float]:
         samples = [s for g in groups for s in g.samples]
@@ -287,8 +325,8 @@ class RewardScorer:
                 wait([futures[k] for k in pending], timeout=max(deadline - time.monotonic(), 0.0),
                      return_when=FIRST_COMPLETED)
         if abandoned_thread:  # the stuck thread keeps its worker; later batches get a full pool
-            self._pool.shutdown(wait=False)
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="reward")
+            self._pool.shutdown()
+            self._pool = _DaemonPool(self.workers)
         return outcomes
 
 

@@ -142,7 +142,8 @@ def collect_groups(topo: Topology, loader: PromptLoader, scorer: RewardScorer, c
         with timed(m, "generate"):
             new = generate(topo.generators, prompts, seed=cfg.seed * 1_000_003 + step * 10_007 + round_ * 101)
         with timed(m, "reward"):
-            m.update(scorer.score(new))
+            for key, value in scorer.score(new).items():  # failure counts add up over rounds; means are the last
+                m[key] = m.get(key, 0.0) + value if key.endswith("failures") or "/failures/" in key else value
             m.update(shape_rewards([s for g in new for s in g.samples], a, cfg.rollout.max_new_tokens))
         if not a.dynamic_sampling:
             kept = new

@@ -3,6 +3,7 @@ import math
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -306,3 +307,23 @@ def test_failure_policy_config_is_validated_and_reaches_the_keys():
                               ("reward.on_error=ignore", r"reward.on_error: 'ignore' is not one of")]:
         with pytest.raises(ConfigError, match=message):
             load_config("configs/grpo_tiny.yaml", [override])
+
+
+def test_a_reward_that_never_returns_does_not_keep_the_process_alive(tmp_path):
+    """Under penalize the stuck call is abandoned after its timeout; the interpreter must still exit."""
+    import subprocess
+
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import threading, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from reward.api import RewardScorer, WeightedReward\n"
+        "from tests.test_reward_api import groups\n"
+        "def stuck(completions, **kw):\n"
+        "    threading.Event().wait()  # never returns\n"
+        "scorer = RewardScorer([WeightedReward('stuck', stuck), WeightedReward('one', lambda completions, **kw: "
+        "[1.0] * len(completions))], on_error='penalize', timeout_s=0.2)\n"
+        "print(scorer.score(groups(['a', 'b']))['reward/stuck/failures'])\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "2.0"
