@@ -81,6 +81,15 @@ class DeepSpeedRank:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
+    def save_checkpoint(self, path: str) -> None:
+        """The engine's full state (weights, optimizer, scheduler) under path; all ranks call together."""
+        self.engine.save_checkpoint(path, tag="deepspeed")
+
+    def load_checkpoint(self, path: str) -> None:
+        loaded, _ = self.engine.load_checkpoint(path, tag="deepspeed")
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+
     def _all_parameters_gathered(self) -> Any:
         """Full parameters on every rank for the duration (ZeRO-3 partitions them; a no-op otherwise)."""
         if self.cfg.train.zero_stage != 3:

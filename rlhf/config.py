@@ -182,6 +182,15 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # save every N steps; 0 = only the last step (when save_final)
+    save_final: bool = True
+    keep: int = 2  # newest checkpoints kept; older ones are deleted
+    dir: str = ""  # "" = <logging.output_dir>/<name>/checkpoints, the same for every run of that name
+    resume: str = ""  # "" = start fresh; "auto" = the newest complete checkpoint in dir (fresh if none); or a path
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     output_dir: str = "runs"
     wandb: Literal["offline", "online", "disabled"] = "offline"
@@ -203,6 +212,7 @@ class RunConfig:
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
     def rollout_batch_size(self) -> int:
@@ -237,6 +247,8 @@ class RunConfig:
             need(r.timeout_s > 0 and r.retries >= 0 and r.backoff_s >= 0 and r.max_request_mb > 0,
                  f"reward.remote.{i}", "needs timeout_s > 0, retries >= 0, backoff_s >= 0, max_request_mb > 0")
         need(self.reward.model.batch_size > 0, "reward.model.batch_size", "must be > 0")
+        need(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+        need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         for i, r in enumerate(self.reward.functions):
             need(":" in r.fn, f"reward.functions.{i}.fn", f"{r.fn!r} must look like 'pkg.mod:fn' or 'file.py:fn'")
         need(self.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")

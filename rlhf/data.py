@@ -56,6 +56,21 @@ class PromptLoader:
             self.rng.shuffle(order)
         return order
 
+    def state_dict(self) -> dict:
+        """Where the loader is, as JSON-able data: resuming from it yields the same batches."""
+        version, internal, gauss = self.rng.getstate()
+        return {"epoch": self.epoch, "position": self.position, "order": self.order,
+                "rng": [version, list(internal), gauss], "skipped_too_long": self.skipped_too_long}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["order"]) != len(self.dataset):
+            raise ValueError(f"the checkpoint's prompt order covers {len(state['order'])} rows; "
+                             f"{self.cfg.path} has {len(self.dataset)}: not the same dataset")
+        self.epoch, self.position, self.order = state["epoch"], state["position"], list(state["order"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.skipped_too_long = state["skipped_too_long"]
+
     def next_batch(self, n: int) -> list[Prompt]:
         batch: list[Prompt] = []
         scanned = 0

@@ -26,6 +26,7 @@ import torch
 from reward.api import RewardScorer, WeightedReward, load_reward_fn
 from reward.model import ModelReward
 from reward.remote import RemoteReward
+from rlhf import checkpoint
 from rlhf.algorithms import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
@@ -61,15 +62,23 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
     rewards += [WeightedReward(f"remote.{i}", RemoteReward.from_config(r), r.weight)
                 for i, r in enumerate(cfg.reward.remote)]
     rewards += [WeightedReward(getattr(fn, "__name__", repr(fn)), fn) for fn in reward_fns or []]
+    resume_from = checkpoint.resume_path(cfg)
     log = RunLog(cfg)
     topo = build_topology(cfg, device, run_id=log.dir.name)
     a, group_size = cfg.algorithm, cfg.rollout.samples_per_prompt
     try:
+        first_step = 1
+        if resume_from is not None:  # trainer (and critic) state, prompt position; generators get the weights
+            state = checkpoint.restore(topo, resume_from)
+            loader.load_state_dict(state["loader"])
+            topo.weight_sync.push(version=state["policy_version"])
+            first_step = state["step"] + 1
+            print(f"resumed from {resume_from} at step {first_step}", flush=True)
         if topo.reward_model is not None:
             rewards.append(WeightedReward("reward_model", ModelReward(topo.reward_model), cfg.reward.model.weight))
         scorer = RewardScorer(rewards, on_error=cfg.reward.on_error, penalty=cfg.reward.penalty,
                               timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers)
-        for step in range(1, cfg.steps + 1):
+        for step in range(first_step, cfg.steps + 1):
             m: dict[str, float] = {}
             t_step = time.perf_counter()
 
@@ -119,6 +128,11 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
             m["sync/gap_alarm"] = gap_alarm(m["sync/logprob_gap"], cfg.weight_sync.logprob_gap_alarm, step)
             m["timing/step_s"] = time.perf_counter() - t_step
             log.log(step, m)
+
+            # 8. checkpoint
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
+                    step == cfg.steps and cfg.checkpoint.save_final):
+                print(f"checkpoint: {checkpoint.save(topo, cfg, step, loader.state_dict())}", flush=True)
     except BaseException:
         teardown(topo, graceful=False)  # a failed sync may leave trainer rank 0 inside a broadcast
         raise
