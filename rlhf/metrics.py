@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,33 @@ CONSOLE = [  # (metric key, label, format) for the one-line-per-step console out
 ]
 
 
+class RayMetrics:
+    """Every numeric step metric as a Ray gauge (`ray.util.metrics`), tagged with the run's name.
+
+    The node's metrics agent exports them in Prometheus format on the node's metrics export port
+    (`ray start --metrics-export-port`), with Ray's `ray_` prefix: `reward/mean` is
+    `ray_rlhf_reward_mean{run="..."}`; the dashboard's Prometheus/Grafana integration scrapes them.
+    """
+
+    def __init__(self, run: str):
+        self.run = run
+        self._gauges: dict[str, Any] = {}
+
+    @staticmethod
+    def name(key: str) -> str:
+        return "rlhf_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+    def record(self, metrics: dict[str, float]) -> None:
+        from ray.util.metrics import Gauge
+
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            if key not in self._gauges:
+                self._gauges[key] = Gauge(self.name(key), description=key, tag_keys=("run",))
+            self._gauges[key].set(float(value), tags={"run": self.run})
+
+
 class RunLog:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -37,6 +65,7 @@ class RunLog:
         self.rows: list[dict[str, Any]] = []
         self.t0 = time.time()
         self.wandb = self._init_wandb()
+        self.ray_metrics = RayMetrics(self.dir.name)
         print(f"run directory: {self.dir}", flush=True)
 
     def _init_wandb(self) -> Any:
@@ -57,7 +86,9 @@ class RunLog:
         self._metrics.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        parts = [f"step {step}/{self.cfg.steps}"]
+        self.ray_metrics.record(metrics)
+        done = round(20 * step / self.cfg.steps)
+        parts = [f"[{'#' * done}{'.' * (20 - done)}] step {step}/{self.cfg.steps}"]
         parts += [f"{label} {fmt.format(metrics[k])}" for k, label, fmt in CONSOLE if k in metrics]
         print(" | ".join(parts), flush=True)
 

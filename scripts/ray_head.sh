@@ -4,8 +4,8 @@
 #   bash scripts/ray_head.sh stop    # stops the head this script started (by its PID), nothing else
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
-PIDFILE=$RLHF_ROOT/.cache/ray-head.pid
-LOG=$RLHF_ROOT/.cache/ray-head.log
+PIDFILE=$RLHF_ROOT/.cache/ray-head-${RAY_PORT:-6379}.pid
+LOG=$RLHF_ROOT/.cache/ray-head-${RAY_PORT:-6379}.log
 mkdir -p "$RLHF_ROOT/.cache"
 
 running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }

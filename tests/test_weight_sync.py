@@ -49,6 +49,17 @@ def test_after_a_push_every_generator_matches_a_fresh_engine_on_the_same_weights
     assert after[0] == reference and after[1] == reference
     assert after[0] != before[0], "one training step changed no greedy output: the test could not see a no-op sync"
 
+    # The saved policy, in plain transformers, gives the trainer's log-probs of sampled tokens.
+    from transformers import AutoModelForCausalLM
+
+    from actors.common import batch_logprobs
+
+    plain = AutoModelForCausalLM.from_pretrained(saved).eval()
+    batch, _ = _generate_batch(cfg, topo, loader, tok, seed=13)
+    trainer_lp = topo.trainer.compute_logprobs(batch)
+    plain_lp = batch_logprobs(plain, batch, cfg.rollout.temperature, 8, torch.device("cpu"))
+    assert (trainer_lp - plain_lp).abs().max().item() < 1e-4
+
 
 def test_a_corrupted_tensor_is_detected_and_named(stack):
     cfg, topo = stack

@@ -1,0 +1,69 @@
+"""`ray job submit` to a Ray head started on 127.0.0.1 by scripts/ray_head.sh, as a user would, with the
+run's custom metrics read from the node's metrics export port while the job runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+# Ports apart from a head a developer may have running on the defaults (6379, 8265, 8080).
+PORTS = {"RAY_PORT": "6391", "RAY_DASHBOARD_PORT": "8277", "RAY_METRICS_PORT": "8097"}
+
+
+def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "ray"), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _status(job: str, address: str, env: dict) -> str:
+    """The job's state as `ray job status` words it ("Job '...' succeeded", "... is currently running")."""
+    out = _ray("job", "status", job, "--address", address, env=env).stdout.lower()
+    found = re.findall(r"\b(pending|running|succeeded|failed|stopped)\b", out)
+    return found[-1].upper() if found else "UNKNOWN"
+
+
+def test_ray_job_submit_runs_the_tiny_job_and_exports_its_metrics(tiny_model, tmp_path):
+    env = {**os.environ, **PORTS, "RAY_AUTH_MODE": "token", "RAY_NUM_CPUS": "4",
+           "RAY_metrics_report_interval_ms": "1000"}
+    address = f"http://127.0.0.1:{PORTS['RAY_DASHBOARD_PORT']}"
+    metrics_url = f"http://127.0.0.1:{PORTS['RAY_METRICS_PORT']}/metrics"
+    subprocess.run(["bash", "scripts/ray_head.sh", "start"], cwd=REPO, env=env, check=True, timeout=120)
+    try:
+        submit = _ray("job", "submit", "--address", address, "--no-wait", "--working-dir", str(REPO), "--",
+                      "python", "-m", "rlhf.train", "--config", "configs/grpo_tiny.yaml", f"model.path={tiny_model}",
+                      f"logging.output_dir={tmp_path}", "logging.wandb=disabled", "steps=40", env=env)
+        assert submit.returncode == 0, submit.stderr
+        job = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group()
+
+        # While the job runs, its gauges appear on the metrics export port, tagged with the run.
+        exported, deadline = "", time.monotonic() + 300
+        while time.monotonic() < deadline and "ray_rlhf_reward_mean" not in exported:
+            if _status(job, address, env) in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            try:
+                exported = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+            except (urllib.error.URLError, TimeoutError):
+                exported = ""
+            time.sleep(2)
+        assert re.search(r'ray_rlhf_reward_mean\{[^}]*run="grpo_tiny-', exported), "no rlhf gauge exported"
+        assert "ray_rlhf_timing_sync_s" in exported and "ray_rlhf_sync_logprob_gap" in exported
+
+        while time.monotonic() < deadline and _status(job, address, env) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            time.sleep(2)
+        logs = _ray("job", "logs", job, "--address", address, env=env).stdout
+        assert _status(job, address, env) == "SUCCEEDED", logs[-3000:]
+        assert "step 40/40" in logs and "summary: " in logs
+    finally:
+        subprocess.run(["bash", "scripts/ray_head.sh", "stop"], cwd=REPO, env=env, timeout=120)
