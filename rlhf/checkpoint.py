@@ -55,7 +55,7 @@ def resume_path(cfg: RunConfig) -> Path | None:
     return path
 
 
-def save(topo: Any, cfg: RunConfig, step: int, loader_state: dict) -> Path:
+def save(topo: Any, cfg: RunConfig, step: int, loader_state: dict, metrics: dict[str, float]) -> Path:
     root = checkpoint_root(cfg)
     final = root / f"step-{step:06d}"
     partial = root / f".step-{step:06d}.partial-{os.getpid()}"
@@ -65,14 +65,27 @@ def save(topo: Any, cfg: RunConfig, step: int, loader_state: dict) -> Path:
     if topo.critic is not None:
         ray.get([r.save_checkpoint.remote(str(partial / "critic_deepspeed")) for r in topo.critic.ranks])
     topo.trainer.save_hf(str(partial / "policy_hf"))
-    state = {"step": step, "policy_version": step, "loader": loader_state, "config": cfg.to_dict()}
+    state = {"step": step, "policy_version": step, "loader": loader_state, "config": cfg.to_dict(),
+             "metrics": metrics}
     (partial / "state.json").write_text(json.dumps(state))
     if final.exists():  # the same step saved again (a resumed run reaching it): the new one wins
         shutil.rmtree(final)
     os.replace(partial, final)  # atomic: step-N appears complete or not at all
+    best = best_checkpoint(root, cfg.checkpoint.keep_best_by) if cfg.checkpoint.keep_best_by else None
     for old in complete_checkpoints(root)[: -cfg.checkpoint.keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != best:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def best_checkpoint(root: Path, metric: str) -> Path | None:
+    """The complete checkpoint whose step logged the highest `metric` (None if none logged it)."""
+    scored = []
+    for path in complete_checkpoints(root):
+        value = json.loads((path / "state.json").read_text()).get("metrics", {}).get(metric)
+        if value is not None:
+            scored.append((value, path))
+    return max(scored)[1] if scored else None
 
 
 def restore(topo: Any, path: Path) -> dict:

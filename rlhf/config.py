@@ -182,12 +182,21 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # evaluate every N steps and after the last; 0 = never
+    data: DataConfig = field(default_factory=DataConfig)  # the held-out prompts (data.path etc.)
+    num_prompts: int = 64  # the first N prompts of the set, the same ones every time
+    greedy: bool = True  # false: sample samples_per_prompt completions at the rollout temperature
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 0  # save every N steps; 0 = only the last step (when save_final)
     save_final: bool = True
     keep: int = 2  # newest checkpoints kept; older ones are deleted
     dir: str = ""  # "" = <logging.output_dir>/<name>/checkpoints, the same for every run of that name
     resume: str = ""  # "" = start fresh; "auto" = the newest complete checkpoint in dir (fresh if none); or a path
+    keep_best_by: str = ""  # a metric (e.g. eval/reward/mean): the checkpoint with its highest value is never pruned
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,7 @@ class RunConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def rollout_batch_size(self) -> int:
@@ -249,6 +259,9 @@ class RunConfig:
         need(self.reward.model.batch_size > 0, "reward.model.batch_size", "must be > 0")
         need(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
         need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+        need(self.eval.every >= 0, "eval.every", "must be >= 0")
+        need(not self.eval.every or bool(self.eval.data.path), "eval.data.path", "is required when eval.every > 0")
+        need(self.eval.num_prompts > 0, "eval.num_prompts", "must be > 0")
         for i, r in enumerate(self.reward.functions):
             need(":" in r.fn, f"reward.functions.{i}.fn", f"{r.fn!r} must look like 'pkg.mod:fn' or 'file.py:fn'")
         need(self.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")

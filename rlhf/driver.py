@@ -40,10 +40,12 @@ from rlhf.algorithms import (
 )
 from rlhf.config import RunConfig
 from rlhf.data import PromptLoader, load_prompt_dataset
+from rlhf.evaluation import evaluate
 from rlhf.metrics import RunLog
 from rlhf.shaping import mask_truncated, shape_rewards
 from rlhf.topology import Topology, build_topology, resolve_device, teardown
-from rlhf.types import Prompt, Sample, SampleGroup, TrainBatch, collate
+from rlhf.types import Sample, SampleGroup, TrainBatch, collate
+from rollout.generator import generate_groups
 
 
 def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> dict[str, Any]:
@@ -58,6 +60,11 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader = PromptLoader(load_prompt_dataset(cfg.data), tokenizer, cfg.data, cfg.seed)
+    eval_prompts = []
+    if cfg.eval.every:
+        eval_set = load_prompt_dataset(cfg.eval.data)
+        eval_prompts = PromptLoader(eval_set, tokenizer, cfg.eval.data, cfg.seed).next_batch(
+            min(cfg.eval.num_prompts, len(eval_set)))
     rewards = [WeightedReward(r.fn, load_reward_fn(r.fn), r.weight) for r in cfg.reward.functions]  # fail fast
     rewards += [WeightedReward(f"remote.{i}", RemoteReward.from_config(r), r.weight)
                 for i, r in enumerate(cfg.reward.remote)]
@@ -126,13 +133,18 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
             # 7. log
             m.update(rollout_metrics(samples, batch, m["timing/generate_s"]))
             m["sync/gap_alarm"] = gap_alarm(m["sync/logprob_gap"], cfg.weight_sync.logprob_gap_alarm, step)
+
+            # 8. evaluation on the held-out prompts, with the weights just pushed
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps):
+                with timed(m, "eval"):
+                    m.update(evaluate(topo.generators, scorer, eval_prompts, cfg))
             m["timing/step_s"] = time.perf_counter() - t_step
             log.log(step, m)
 
-            # 8. checkpoint
+            # 9. checkpoint
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
                     step == cfg.steps and cfg.checkpoint.save_final):
-                print(f"checkpoint: {checkpoint.save(topo, cfg, step, loader.state_dict())}", flush=True)
+                print(f"checkpoint: {checkpoint.save(topo, cfg, step, loader.state_dict(), m)}", flush=True)
     except BaseException:
         teardown(topo, graceful=False)  # a failed sync may leave trainer rank 0 inside a broadcast
         raise
@@ -154,7 +166,7 @@ def collect_groups(topo: Topology, loader: PromptLoader, scorer: RewardScorer, c
         prompts = loader.next_batch(want - len(kept))
         taken += len(prompts)
         with timed(m, "generate"):
-            new = generate(topo.generators, prompts, seed=cfg.seed * 1_000_003 + step * 10_007 + round_ * 101)
+            new = generate_groups(topo.generators, prompts, seed=cfg.seed * 1_000_003 + step * 10_007 + round_ * 101)
         with timed(m, "reward"):
             for key, value in scorer.score(new).items():  # failure counts add up over rounds; means are the last
                 m[key] = m.get(key, 0.0) + value if key.endswith("failures") or "/failures/" in key else value
@@ -172,15 +184,6 @@ def collect_groups(topo: Topology, loader: PromptLoader, scorer: RewardScorer, c
     m.update({"data/prompts_taken": float(taken), "data/prompts_trained": float(len(kept)),
               "data/prompts_filtered": float(taken - len(kept)), "data/filled_without_signal": float(filled)})
     return kept
-
-
-def generate(generators: list[Any], prompts: list[Prompt], seed: int, greedy: bool = False) -> list[SampleGroup]:
-    """Split the prompts over the generators; groups come back in prompt order."""
-    n = len(generators)
-    bounds = [round(i * len(prompts) / n) for i in range(n + 1)]
-    parts = ray.get([g.generate.remote(prompts[bounds[i]:bounds[i + 1]], seed, greedy)
-                     for i, g in enumerate(generators)])
-    return [group for part in parts for group in part]
 
 
 def rollout_metrics(samples: list[Sample], batch: TrainBatch, generate_s: float) -> dict[str, float]:

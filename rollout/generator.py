@@ -96,3 +96,12 @@ class Generator:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def generate_groups(generators: list, prompts: list[Prompt], seed: int, greedy: bool = False) -> list[SampleGroup]:
+    """Split the prompts over the generator actors; groups come back in prompt order."""
+    n = len(generators)
+    bounds = [round(i * len(prompts) / n) for i in range(n + 1)]
+    parts = ray.get([g.generate.remote(prompts[bounds[i]:bounds[i + 1]], seed, greedy)
+                     for i, g in enumerate(generators)])
+    return [group for part in parts for group in part]

@@ -19,10 +19,9 @@ stop_head() { [ "$started_head" = 1 ] && bash scripts/ray_head.sh stop; return 0
 trap stop_head EXIT
 
 echo "submitting the GRPO job; watch it at $DASHBOARD"
-# --working-dir uploads this checkout minus what .gitignore lists (.venv, .cache, runs); the model and
-# the run directory are given as absolute paths because the job runs in Ray's copy of the checkout.
-ray job submit --address "$DASHBOARD" --working-dir . -- \
-  python -m rlhf.train --config configs/grpo_tiny.yaml \
+# The checkout is uploaded minus what .gitignore lists (.venv, .cache, runs); the model and the run
+# directory are given as absolute paths because the job runs in Ray's copy of the checkout.
+bash scripts/submit.sh -- python -m rlhf.train --config configs/grpo_tiny.yaml \
   model.path="$RLHF_ROOT/.cache/tiny-model" logging.output_dir="$RLHF_ROOT/runs" "$@"
 
 run_dir=$(ls -td runs/grpo_tiny-*/ | head -1)

@@ -18,6 +18,7 @@ start)
   nohup ray start --head --block --node-ip-address 127.0.0.1 --port "${RAY_PORT:-6379}" \
     --dashboard-host 127.0.0.1 --dashboard-port "${RAY_DASHBOARD_PORT:-8265}" \
     --metrics-export-port "${RAY_METRICS_PORT:-8080}" --num-cpus "${RAY_NUM_CPUS:-$(nproc)}" \
+    --dashboard-agent-listen-port "${RAY_AGENT_PORT:-52365}" --ray-client-server-port "${RAY_CLIENT_PORT:-10001}" \
     --disable-usage-stats >"$LOG" 2>&1 &
   echo $! >"$PIDFILE"
   for _ in $(seq 60); do

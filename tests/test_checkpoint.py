@@ -59,3 +59,22 @@ def test_a_resumed_run_continues_as_if_it_had_never_stopped(ray_cluster, tiny_mo
     assert state["step"] == 4 and state["loader"]["position"] == 4 * 8
     assert (ckpt / "policy_hf" / "config.json").exists() and not any(p.name.startswith(".") for p in root.iterdir())
     assert os.listdir(ckpt / "policy_deepspeed")
+
+
+@pytest.mark.slow
+def test_evaluation_is_logged_and_the_best_checkpoint_is_kept(ray_cluster, tiny_model, tmp_path):
+    import rlhf
+
+    cfg = load_config(TINY, tiny_overrides(tiny_model, tmp_path, **{
+        "steps": 4, "eval.every": 2, "eval.num_prompts": 6, "checkpoint.every": 1, "checkpoint.keep": 1,
+        "checkpoint.keep_best_by": "eval/reward/mean"}))
+    rows = _rows(rlhf.run(cfg))
+    evaluated = [r["step"] for r in rows if "eval/reward/mean" in r]
+    assert evaluated == [2, 4]
+    for r in rows:
+        if "eval/reward/mean" in r:
+            assert 0 <= r["eval/reward/mean"] <= 1 and r["eval/charset_reward/mean"] == r["eval/reward/mean"]
+            assert r["timing/eval_s"] > 0
+    best_step = max((r["eval/reward/mean"], r["step"]) for r in rows if "eval/reward/mean" in r)[1]
+    kept = {p.name for p in complete_checkpoints(tmp_path / "grpo_tiny" / "checkpoints")}
+    assert kept == {"step-000004", f"step-{best_step:06d}"}

@@ -19,9 +19,9 @@ import torch
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, EstimatorInputs, masked_mean
 from rlhf.config import load_config
 from rlhf.data import PromptLoader, load_prompt_dataset
-from rlhf.driver import generate
 from rlhf.topology import ResourceError, check_resources
 from rlhf.types import collate
+from rollout.generator import generate_groups as generate
 from tests.conftest import REPO, TASK, tiny_overrides
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,6 @@
-"""`ray job submit` to a Ray head started on 127.0.0.1 by scripts/ray_head.sh, as a user would, with the
-run's custom metrics read from the node's metrics export port while the job runs."""
+"""`ray job submit` (through scripts/submit.sh, as `make demo` does) to a Ray head started on 127.0.0.1
+by scripts/ray_head.sh, with the run's custom metrics read from the node's metrics export port while
+the job runs, and the job's status and logs read back with the `ray job` CLI."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-# Ports apart from a head a developer may have running on the defaults (6379, 8265, 8080).
-PORTS = {"RAY_PORT": "6391", "RAY_DASHBOARD_PORT": "8277", "RAY_METRICS_PORT": "8097"}
+# Ports apart from the defaults, which a developer's head or the tests' own local cluster (its
+# dashboard agent takes 52365) may hold: a second agent on 52365 cannot start, and no job can be submitted.
+PORTS = {"RAY_PORT": "6391", "RAY_DASHBOARD_PORT": "8277", "RAY_METRICS_PORT": "8097", "RAY_AGENT_PORT": "52391",
+         "RAY_CLIENT_PORT": "6392"}
 
 
 def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -41,11 +44,13 @@ def test_ray_job_submit_runs_the_tiny_job_and_exports_its_metrics(tiny_model, tm
     metrics_url = f"http://127.0.0.1:{PORTS['RAY_METRICS_PORT']}/metrics"
     subprocess.run(["bash", "scripts/ray_head.sh", "start"], cwd=REPO, env=env, check=True, timeout=120)
     try:
-        submit = _ray("job", "submit", "--address", address, "--no-wait", "--working-dir", str(REPO), "--",
-                      "python", "-m", "rlhf.train", "--config", "configs/grpo_tiny.yaml", f"model.path={tiny_model}",
-                      f"logging.output_dir={tmp_path}", "logging.wandb=disabled", "steps=40", env=env)
+        submit = subprocess.run(
+            ["bash", "scripts/submit.sh", "--no-wait", "--", "python", "-m", "rlhf.train", "--config",
+             "configs/grpo_tiny.yaml", f"model.path={tiny_model}", f"logging.output_dir={tmp_path}",
+             "logging.wandb=disabled", "steps=40"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
         assert submit.returncode == 0, submit.stderr
-        job = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group()
+        job = submit.stdout.strip()
+        assert job.startswith("raysubmit_"), submit.stdout
 
         # While the job runs, its gauges appear on the metrics export port, tagged with the run.
         exported, deadline = "", time.monotonic() + 300

@@ -9,8 +9,8 @@ import ray
 import torch
 
 from rlhf.config import load_config
-from rlhf.driver import generate
 from rlhf.topology import build_topology
+from rollout.generator import generate_groups as generate
 from tests.conftest import REPO, tiny_overrides
 from tests.test_e2e import _gap, _generate_batch, _loader, _train_once
 from weight_sync.service import WeightSyncError
