@@ -1,8 +1,9 @@
 """The single-controller RL loop.
 
-    setup:     config -> dataset, tokenizer, reward functions -> Ray actors -> weight-sync group
-    each step: prompts -> rollout -> reward -> replay buffer -> old/reference log-probs
-               -> advantages -> train -> weight sync -> log
+    setup:     config -> dataset, tokenizer, reward functions -> Ray actors (rlhf/topology.py)
+               -> weight-sync group -> resume from a checkpoint, if asked
+    each step: prompts -> rollout -> reward -> replay buffer -> old/reference log-probs, critic values
+               -> advantages -> train (policy, critic) -> weight sync -> log -> eval -> checkpoint
 
 GRPO as implemented here (Shao et al. 2024) keeps: n samples per prompt, group-normalised outcome
 advantages, the PPO clipped surrogate, an optional k3 KL to a frozen reference in the loss. It
