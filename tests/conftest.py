@@ -30,7 +30,7 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_overrides(model: Path, tmp: Path, **extra) -> list[str]:
     """The tiny GRPO config with paths for this test session; wandb off unless a test turns it on."""
     items = {"model.path": str(model), "data.path": str(TASK / "prompts.jsonl"), "logging.output_dir": str(tmp),
-             "eval.data.path": str(TASK / "eval_prompts.jsonl"),
+             "eval.data.path": str(TASK / "eval_prompts.jsonl"), "eval.every": 0,  # the eval test turns it on
              "logging.wandb": "disabled", "reward.functions.0.fn": f"{TASK / 'reward.py'}:charset_reward"}
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
