@@ -7,8 +7,6 @@ arrive through the weight-sync group (weight_sync.vllm_worker), never through di
 
 from __future__ import annotations
 
-import os
-
 import ray
 
 from rlhf.config import RunConfig
@@ -93,9 +91,6 @@ class Generator:
 
     def close_weight_sync(self) -> None:
         self.llm.collective_rpc("close_weight_sync")
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 def generate_groups(generators: list, prompts: list[Prompt], seed: int, greedy: bool = False) -> list[SampleGroup]:

@@ -86,9 +86,6 @@ class WeightSyncWorker:
                 flat[offset] += 1
                 self._ws_corrupt = None
 
-    def weight_version(self) -> int:
-        return self._ws_version
-
     def close_weight_sync(self) -> None:
         if self._ws_group is not None:
             self._ws_group.close()
