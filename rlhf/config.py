@@ -65,6 +65,7 @@ class RolloutConfig:
     enforce_eager: bool = True  # eager starts ~3x faster than compiled on CPU
     kv_cache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
     gpu_memory_utilization: float = 0.5
+    max_restarts: int = 3  # a generator actor that dies is replaced this many times in a run, then the run fails
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class RewardModelConfig:
     weight: float = 1.0
     batch_size: int = 16
     max_length: int = 1024  # prompt + completion tokens; longer inputs are truncated from the left
+    max_restarts: int = 3  # Ray restarts a dead reward-model actor (and retries its call) this many times
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,8 @@ class RunConfig:
             need(r.timeout_s > 0 and r.retries >= 0 and r.backoff_s >= 0 and r.max_request_mb > 0,
                  f"reward.remote.{i}", "needs timeout_s > 0, retries >= 0, backoff_s >= 0, max_request_mb > 0")
         need(self.reward.model.batch_size > 0, "reward.model.batch_size", "must be > 0")
+        need(self.reward.model.max_restarts >= 0, "reward.model.max_restarts", "must be >= 0")
+        need(self.rollout.max_restarts >= 0, "rollout.max_restarts", "must be >= 0")
         need(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
         need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         need(self.eval.every >= 0, "eval.every", "must be >= 0")

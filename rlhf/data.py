@@ -49,6 +49,7 @@ class PromptLoader:
         self.position = 0
         self.order = self._order()
         self.skipped_too_long = 0
+        self.handed_out = 0  # prompts returned by next_batch in this process (not saved: a resumed run counts anew)
 
     def _order(self) -> list[int]:
         order = list(range(len(self.dataset)))
@@ -88,6 +89,7 @@ class PromptLoader:
                                       f"than {self.cfg.max_prompt_tokens} tokens")
                 continue
             batch.append(prompt)
+        self.handed_out += len(batch)
         return batch
 
     def _prompt(self, index: int) -> Prompt | None:

@@ -47,6 +47,7 @@ from rlhf.shaping import mask_truncated, shape_rewards
 from rlhf.topology import Topology, build_topology, resolve_device, teardown
 from rlhf.types import Sample, SampleGroup, TrainBatch, collate
 from rollout.generator import generate_groups
+from weight_sync.service import GeneratorLost
 
 
 def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> dict[str, Any]:
@@ -129,16 +130,19 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
 
             # 6. weight sync: every generator serves the new policy version
             with timed(m, "sync"):
-                m.update(topo.weight_sync.push(version=step))
+                m.update(push_weights(topo, version=step))
 
             # 7. log
             m.update(rollout_metrics(samples, batch, m["timing/generate_s"]))
             m["sync/gap_alarm"] = gap_alarm(m["sync/logprob_gap"], cfg.weight_sync.logprob_gap_alarm, step)
+            m["fault/generator_restarts"] = float(topo.generator_restarts)
+            m["buffer/groups"] = float(len(topo.buffer))
+            m["buffer/staleness_max"] = float(step - 1 - m["rollout/policy_version"])  # versions behind the trainer
 
             # 8. evaluation on the held-out prompts, with the weights just pushed
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps):
                 with timed(m, "eval"):
-                    m.update(evaluate(topo.generators, scorer, eval_prompts, cfg))
+                    m.update(evaluate(topo.generators, scorer, eval_prompts, cfg, restart=topo.restart_generator))
             m["timing/step_s"] = time.perf_counter() - t_step
             log.log(step, m)
 
@@ -146,11 +150,52 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
                     step == cfg.steps and cfg.checkpoint.save_final):
                 print(f"checkpoint: {checkpoint.save(topo, cfg, step, loader.state_dict(), m)}", flush=True)
+    except ray.exceptions.RayActorError as e:  # a trainer, critic or reference rank: the run cannot go on
+        teardown(topo, graceful=False)
+        found = checkpoint.complete_checkpoints(checkpoint.checkpoint_root(cfg))
+        raise RunFailed(f"{topo.role_of(e.actor_id)} died ({type(e).__name__}); the run stops. Resubmit with "
+                        f"checkpoint.resume=auto to continue from "
+                        f"{found[-1] if found else 'the start (no complete checkpoint yet)'}") from e
     except BaseException:
         teardown(topo, graceful=False)  # a failed sync may leave trainer rank 0 inside a broadcast
         raise
     teardown(topo)
-    return log.finish({"prompts_skipped_too_long": loader.skipped_too_long, "device": device})
+    check_accounting(log.rows, loader.handed_out)
+    return log.finish({"prompts_skipped_too_long": loader.skipped_too_long, "device": device,
+                       "generator_restarts": topo.generator_restarts})
+
+
+class RunFailed(RuntimeError):
+    """An actor the run cannot replace (a trainer, critic or reference rank) died."""
+
+
+def push_weights(topo: Topology, version: int) -> dict[str, float]:
+    """Push `version` to every generator; one that dies meanwhile is replaced and the push repeated."""
+    while True:
+        try:
+            return topo.weight_sync.push(version)
+        except GeneratorLost as e:
+            print(f"weight sync: {e}", flush=True)
+            topo.restart_generator(e.index, push=False)
+
+
+ACCOUNTS = ("taken", "trained", "filtered", "dropped")  # data/prompts_<account>, logged every step
+
+
+def check_accounting(rows: list[dict[str, Any]], handed_out: int) -> None:
+    """Every prompt the loader handed out ends trained, filtered or dropped, in exactly one step."""
+    for r in rows:
+        taken, trained, filtered, dropped = (r[f"data/prompts_{k}"] for k in ACCOUNTS)
+        if taken != trained + filtered + dropped:
+            raise AccountingError(f"step {r['step']}: prompts taken {taken:g} != trained {trained:g} + filtered "
+                                  f"{filtered:g} + dropped {dropped:g}")
+    taken = sum(r["data/prompts_taken"] for r in rows)
+    if taken != handed_out:
+        raise AccountingError(f"the loader handed out {handed_out} prompts but the steps account for {taken:g}")
+
+
+class AccountingError(RuntimeError):
+    """A prompt was lost or counted twice."""
 
 
 def collect_groups(topo: Topology, loader: PromptLoader, scorer: RewardScorer, cfg: RunConfig, step: int,
@@ -167,7 +212,8 @@ def collect_groups(topo: Topology, loader: PromptLoader, scorer: RewardScorer, c
         prompts = loader.next_batch(want - len(kept))
         taken += len(prompts)
         with timed(m, "generate"):
-            new = generate_groups(topo.generators, prompts, seed=cfg.seed * 1_000_003 + step * 10_007 + round_ * 101)
+            new = generate_groups(topo.generators, prompts, seed=cfg.seed * 1_000_003 + step * 10_007 + round_ * 101,
+                                  restart=topo.restart_generator)
         with timed(m, "reward"):
             for key, value in scorer.score(new).items():  # failure counts add up over rounds; means are the last
                 m[key] = m.get(key, 0.0) + value if key.endswith("failures") or "/failures/" in key else value
@@ -183,7 +229,8 @@ def collect_groups(topo: Topology, loader: PromptLoader, scorer: RewardScorer, c
     filled = want - len(kept)
     kept += set_aside[:filled]
     m.update({"data/prompts_taken": float(taken), "data/prompts_trained": float(len(kept)),
-              "data/prompts_filtered": float(taken - len(kept)), "data/filled_without_signal": float(filled)})
+              "data/prompts_filtered": float(taken - len(kept)), "data/prompts_dropped": 0.0,
+              "data/filled_without_signal": float(filled)})
     return kept
 
 

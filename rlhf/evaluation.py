@@ -3,6 +3,7 @@ generators (greedy by default) and scored by the run's own rewards. Nothing here
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from reward.api import RewardScorer
@@ -11,9 +12,10 @@ from rlhf.types import Prompt
 from rollout.generator import generate_groups
 
 
-def evaluate(generators: list[Any], scorer: RewardScorer, prompts: list[Prompt], cfg: RunConfig) -> dict[str, float]:
+def evaluate(generators: list[Any], scorer: RewardScorer, prompts: list[Prompt], cfg: RunConfig,
+             restart: Callable[[int], None] | None = None) -> dict[str, float]:
     """eval/* metrics: the mean reward and each component's mean, completion length, truncation rate."""
-    groups = generate_groups(generators, prompts, seed=cfg.seed, greedy=cfg.eval.greedy)
+    groups = generate_groups(generators, prompts, seed=cfg.seed, greedy=cfg.eval.greedy, restart=restart)
     components = scorer.score(groups)
     samples = [s for g in groups for s in g.samples]
     m = {f"eval/{key.removeprefix('reward/')}": value for key, value in components.items()}

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,37 @@ class Topology:
     reward_model: Any | None  # reward.model.RewardModel actor, when reward.model.path is set
     weight_sync: WeightSyncService
     buffer: ReplayBuffer
+    cfg: RunConfig
+    device: str
+    run_id: str
+    generator_restarts: int = 0
+
+    def restart_generator(self, i: int, push: bool = True) -> None:
+        """Replace dead generator i: a new engine joins a new weight-sync group and (with `push`) gets
+        the current weights, so what it generates next is stamped with the version the others serve."""
+        self.generator_restarts += 1
+        if self.generator_restarts > self.cfg.rollout.max_restarts:
+            raise RuntimeError(f"generator-{i} died; {self.generator_restarts - 1} generator restarts already "
+                               f"this run (rollout.max_restarts={self.cfg.rollout.max_restarts})")
+        print(f"generator-{i} died: starting a new one (restart {self.generator_restarts} of "
+              f"{self.cfg.rollout.max_restarts})", flush=True)
+        with contextlib.suppress(Exception):
+            ray.kill(self.generators[i], no_restart=True)
+        self.generators[i] = _start_generator(self.cfg, self.device, self.run_id, i)
+        self.weight_sync.reconnect()
+        if push:
+            self.weight_sync.push(self.weight_sync.version)
+
+    def role_of(self, actor_id: str | None) -> str:
+        """The role of the actor with this hex id ("trainer-rank-0", ...), for error messages."""
+        named = {f"generator-{i}": g for i, g in enumerate(self.generators)}
+        named.update({f"trainer-rank-{i}": r for i, r in enumerate(self.trainer.ranks)})
+        named.update({f"critic-rank-{i}": r for i, r in enumerate(self.critic.ranks if self.critic else [])})
+        named.update({"reference": self.reference, "reward-model": self.reward_model})
+        for role, actor in named.items():
+            if actor is not None and actor._actor_id.hex() == actor_id:
+                return role
+        return "an actor"
 
 
 def resolve_device(cfg: RunConfig) -> str:
@@ -80,12 +112,7 @@ def build_topology(cfg: RunConfig, device: str, run_id: str) -> Topology:
 
 def _build(cfg: RunConfig, device: str, run_id: str, created: list[Any]) -> Topology:
     r, gpu = cfg.resources, device == "cuda"
-    generators = [
-        Generator.options(name=f"{run_id}:generator-{i}", num_cpus=r.generator_cpus,
-                          num_gpus=r.generator_gpus if gpu else 0,
-                          runtime_env={"env_vars": generator_env(cfg, device)}).remote(i, cfg, device)
-        for i in range(cfg.rollout.num_generators)
-    ]
+    generators = [_start_generator(cfg, device, run_id, i) for i in range(cfg.rollout.num_generators)]
     created += generators
     ranks = _deepspeed_ranks(PolicyTrainer, "trainer-rank", cfg, device, run_id, r.trainer_cpus, r.trainer_gpus,
                              created)
@@ -101,14 +128,32 @@ def _build(cfg: RunConfig, device: str, run_id: str, created: list[Any]) -> Topo
         created.append(reference)
     reward_model = None
     if cfg.reward.model.path:
+        # Scoring is idempotent: Ray restarts a dead reward model and retries the call on the new one.
         reward_model = RewardModel.options(name=f"{run_id}:reward-model", num_cpus=r.reward_model_cpus,
-                                           num_gpus=r.reward_model_gpus if gpu else 0).remote(cfg, device)
+                                           num_gpus=r.reward_model_gpus if gpu else 0,
+                                           max_restarts=cfg.reward.model.max_restarts,
+                                           max_task_retries=cfg.reward.model.max_restarts).remote(cfg, device)
         created.append(reward_model)
     backend = cfg.weight_sync.backend if cfg.weight_sync.backend != "auto" else ("nccl" if gpu else "gloo")
     weight_sync = WeightSyncService(ranks, generators, cfg.weight_sync, backend)
     weight_sync.connect()
     buffer = ReplayBuffer(capacity_groups=2 * cfg.rollout.prompts_per_step)
-    return Topology(generators, trainer, critic, reference, reward_model, weight_sync, buffer)
+    return Topology(generators, trainer, critic, reference, reward_model, weight_sync, buffer, cfg, device, run_id)
+
+
+def _start_generator(cfg: RunConfig, device: str, run_id: str, i: int) -> Any:
+    r = cfg.resources
+    options = dict(name=f"{run_id}:generator-{i}", num_cpus=r.generator_cpus,
+                   num_gpus=r.generator_gpus if device == "cuda" else 0,
+                   runtime_env={"env_vars": generator_env(cfg, device)})
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return Generator.options(**options).remote(i, cfg, device)
+        except ValueError:  # a dead actor's name is released asynchronously
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _deepspeed_ranks(actor: Any, role: str, cfg: RunConfig, device: str, run_id: str, cpus: float, gpus: float,

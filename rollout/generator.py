@@ -7,6 +7,8 @@ arrive through the weight-sync group (weight_sync.vllm_worker), never through di
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ray
 
 from rlhf.config import RunConfig
@@ -93,10 +95,28 @@ class Generator:
         self.llm.collective_rpc("close_weight_sync")
 
 
-def generate_groups(generators: list, prompts: list[Prompt], seed: int, greedy: bool = False) -> list[SampleGroup]:
-    """Split the prompts over the generator actors; groups come back in prompt order."""
+def generate_groups(generators: list, prompts: list[Prompt], seed: int, greedy: bool = False,
+                    restart: Callable[[int], None] | None = None) -> list[SampleGroup]:
+    """Split the prompts over the generator actors; groups come back in prompt order.
+
+    A generator that dies on the way loses only its share: `restart(i)` replaces generators[i] (a
+    new engine serving the current weights) and that share is generated again there, with the same
+    per-prompt seeds. Without `restart`, the death is an error naming the generator."""
     n = len(generators)
     bounds = [round(i * len(prompts) / n) for i in range(n + 1)]
-    parts = ray.get([g.generate.remote(prompts[bounds[i]:bounds[i + 1]], seed, greedy)
-                     for i, g in enumerate(generators)])
-    return [group for part in parts for group in part]
+    shares = {i: prompts[bounds[i]:bounds[i + 1]] for i in range(n) if bounds[i] < bounds[i + 1]}
+    done: dict[int, list[SampleGroup]] = {}
+    while shares:
+        refs = {i: generators[i].generate.remote(share, seed, greedy) for i, share in shares.items()}
+        dead = []
+        for i, ref in refs.items():
+            try:
+                done[i] = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                if restart is None:
+                    raise RuntimeError(f"generator-{i} died while generating ({type(e).__name__})") from e
+                dead.append(i)
+        for i in dead:
+            restart(i)
+        shares = {i: shares[i] for i in dead}
+    return [group for i in sorted(done) for group in done[i]]

@@ -15,6 +15,14 @@ class WeightSyncError(RuntimeError):
     """A sync failed: an actor died, missed its deadline, or received different bytes than were sent."""
 
 
+class GeneratorLost(WeightSyncError):
+    """Generator `index` died during a sync; replacing it and reconnecting lets the run go on."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
+
+
 @dataclass(frozen=True)
 class SyncEndpoint:
     host: str  # where trainer rank 0 hosts the group's TCPStore
@@ -78,9 +86,19 @@ class WeightSyncService:
         return {"sync/seconds": seconds, "sync/gb": sent_bytes / 1e9, "sync/gb_per_s": sent_bytes / 1e9 / seconds}
 
     def close(self) -> None:
+        self._wait(self._close_refs(), "close")
+
+    def reconnect(self) -> None:
+        """A new group after a generator was replaced: whoever is alive leaves the old one (a member
+        still blocked in a broken push gets up to timeout_s to fail out of it), then all join anew."""
+        refs = self._close_refs()
+        ray.wait(list(refs), num_returns=len(refs), timeout=self.cfg.timeout_s)
+        self.connect()
+
+    def _close_refs(self) -> dict[Any, str]:
         refs = {g.close_weight_sync.remote(): f"generator-{i}" for i, g in enumerate(self.generators)}
         refs.update({r.close_weight_sync.remote(): f"trainer-rank-{i}" for i, r in enumerate(self.trainer_ranks)})
-        self._wait(refs, "close")
+        return refs
 
     def _compare(self, sent: list[int], received: list[int], who: str, version: int) -> None:
         bad = [name for name, a, b in zip(self.names, sent, received) if a != b]
@@ -88,6 +106,14 @@ class WeightSyncService:
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise WeightSyncError(f"push of version {version}: {who} received tensors that differ from what "
                                   f"trainer-rank-0 sent (checksum mismatch): {shown or 'tensor count differs'}")
+
+    def _dead_generator(self) -> int | None:
+        from ray._private.state import actors  # the GCS's actor table; needs no dashboard
+
+        for i, g in enumerate(self.generators):
+            if actors(actor_id=g._actor_id.hex()).get("State") == "DEAD":
+                return i
+        return None
 
     def _wait(self, refs: dict[Any, str], what: str) -> dict[str, Any]:
         """ray.get on every ref within timeout_s in all; an actor's failure or lateness names it."""
@@ -104,7 +130,13 @@ class WeightSyncService:
             try:
                 results[who] = ray.get(ref)
             except ray.exceptions.RayActorError as e:
-                raise WeightSyncError(f"weight sync {what}: {who} died ({type(e).__name__})") from e
+                message = f"weight sync {what}: {who} died ({type(e).__name__})"
+                if who.startswith("generator-"):
+                    raise GeneratorLost(message, int(who.removeprefix("generator-"))) from e
+                raise WeightSyncError(message) from e
             except ray.exceptions.RayTaskError as e:
+                dead = self._dead_generator()  # the trainer's broadcast fails when a receiver dies
+                if dead is not None:
+                    raise GeneratorLost(f"weight sync {what}: generator-{dead} died; {who} failed: {e}", dead) from e
                 raise WeightSyncError(f"weight sync {what}: {who} failed: {e}") from e
         return results
