@@ -39,6 +39,15 @@ def deepspeed_config(cfg: RunConfig, device: str, lr: float) -> dict:
     }
 
 
+def lr_schedule(cfg: RunConfig) -> Any:
+    """None (constant) or a builder DeepSpeed calls with the optimizer; DeepSpeed steps the schedule
+    with the optimizer and saves it in checkpoints. Linear: lr * (1 - k / K) at optimizer step k of K."""
+    if cfg.train.lr_schedule == "constant":
+        return None
+    total = cfg.steps * (cfg.rollout_batch_size // cfg.train.mini_batch_size) * cfg.algorithm.ppo_epochs
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: max(0.0, 1.0 - k / total))
+
+
 def node_host() -> str:
     """Loopback on a one-node cluster (nothing listens beyond the laptop), the node's IP otherwise."""
     return "127.0.0.1" if len(ray.nodes()) == 1 else ray.util.get_node_ip_address()
@@ -69,7 +78,8 @@ class DeepSpeedRank:
         deepspeed.init_distributed(dist_backend=self.backend, auto_mpi_discovery=False)
         model = build_model()
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=deepspeed_config(self.cfg, self.device.type, lr))
+                                               config=deepspeed_config(self.cfg, self.device.type, lr),
+                                               lr_scheduler=lr_schedule(self.cfg))
 
     def _backward_step(self, loss: torch.Tensor) -> None:
         # Each shard's loss is already its share of the mini-batch's loss (global denominator), so

@@ -49,7 +49,8 @@ class PolicyTrainer(DeepSpeedRank):
                 mask = mb.loss_mask.to(self.device)
                 logits = micro_logits(self.engine, mb, self.device)
                 logp = token_logprobs(logits, mb.input_ids[:, 1:].to(self.device), self.cfg.rollout.temperature)
-                old = mb.old_logprobs.to(self.device)
+                # No old log-probs: this is the batch's only update, so the policy before it is this forward's.
+                old = logp.detach() if mb.old_logprobs is None else mb.old_logprobs.to(self.device)
                 out = policy_loss(logp, old, mb.advantages.to(self.device), a.clip_low, a.clip_high)
                 pg_loss = aggregate(out.loss, mask, a.loss_agg, shard.loss_denominator)
                 loss = pg_loss
@@ -70,12 +71,19 @@ class PolicyTrainer(DeepSpeedRank):
                     s["clipped"] += (out.clipped * mask).sum().item()
                     s["approx_kl"] += policy_kl.sum().item()
                     s["loss/policy"] += pg_loss.item()
+                    if mb.old_logprobs is None:  # what the driver would have measured on a separate pass
+                        s["gap_sum"] = s.get("gap_sum", 0.0) + ((old - mb.rollout_logprobs.to(self.device)).abs()
+                                                                * mask).sum().item()
+                        if mb.ref_logprobs is not None:
+                            kl_ref = KL_ESTIMATORS["k3"](old, mb.ref_logprobs.to(self.device))
+                            s["kl_ref_sum"] = s.get("kl_ref_sum", 0.0) + (kl_ref * mask).sum().item()
                     if first:  # nothing has been updated yet: the ratio must be 1 and the KL 0
                         s["first/ratio_max_dev"] = ((out.ratio - 1).abs() * mask).max().item()
                         s["first/policy_kl"] = policy_kl.sum().item() / max(mask.sum().item(), 1.0)
                         first = False
             s["optimizer_steps"] += 1
             s["grad_norm"] = self._grad_norm()
+            s["lr"] = self.engine.get_lr()[0]  # for the next optimizer step
         return s
 
     # ---- weight sync (weight_sync.service drives these) ----
@@ -130,7 +138,12 @@ class TrainerGroup:
 def reduce_rank_stats(stats: list[dict[str, float]]) -> dict[str, float]:
     tokens = sum(s["tokens"] for s in stats)
     steps = stats[0]["optimizer_steps"]
-    return {
+    measured = {}  # single_update: the gap and the reference KL come from the training forward
+    if "gap_sum" in stats[0]:
+        measured["sync/logprob_gap"] = sum(s["gap_sum"] for s in stats) / max(tokens, 1.0)
+    if "kl_ref_sum" in stats[0]:
+        measured["kl/ref"] = sum(s["kl_ref_sum"] for s in stats) / max(tokens, 1.0)
+    return measured | {
         "loss/policy": sum(s["loss/policy"] for s in stats) / steps,  # shards' shares sum to the global loss
         "loss/kl": sum(s["loss/kl"] for s in stats) / steps,
         "policy/entropy": sum(s["entropy"] for s in stats) / steps,  # 0 unless entropy_coef > 0
@@ -139,5 +152,6 @@ def reduce_rank_stats(stats: list[dict[str, float]]) -> dict[str, float]:
         "policy/first_ratio_max_dev": max(s["first/ratio_max_dev"] for s in stats),
         "policy/first_kl": max(s["first/policy_kl"] for s in stats),
         "train/grad_norm": stats[0]["grad_norm"],
+        "train/lr": stats[0]["lr"],
         "train/optimizer_steps": steps,
     }

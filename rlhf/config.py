@@ -66,6 +66,7 @@ class RolloutConfig:
     kv_cache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
     gpu_memory_utilization: float = 0.5
     max_restarts: int = 3  # a generator actor that dies is replaced this many times in a run, then the run fails
+    threads: int = 0  # CPU threads of each engine (OMP); 0 = the actor's Ray CPUs (Ray's default)
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class TrainConfig:
     ranks: int = 1  # DeepSpeed data-parallel ranks, each a Ray actor
     zero_stage: Literal[0, 1, 2, 3] = 0
     lr: float = 1e-6
+    lr_schedule: Literal["constant", "linear"] = "constant"  # linear: decays to 0 at the run's last optimizer step
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
@@ -239,6 +241,13 @@ class RunConfig:
         return self.algorithm.kl_coef > 0
 
     @property
+    def single_update(self) -> bool:
+        """One optimizer step per rollout batch: the "old" log-probs are then the training forward's own,
+        detached (ratio exactly 1), and the separate pass that would recompute them is skipped."""
+        return (self.algorithm.ppo_epochs == 1 and self.train.mini_batch_size == self.rollout_batch_size
+                and not (self.algorithm.kl_in_reward and self.uses_reference))
+
+    @property
     def grad_accum_steps(self) -> int:
         return self.train.mini_batch_size // (self.train.micro_batch_size * self.train.ranks)
 
@@ -261,6 +270,7 @@ class RunConfig:
         need(self.reward.model.batch_size > 0, "reward.model.batch_size", "must be > 0")
         need(self.reward.model.max_restarts >= 0, "reward.model.max_restarts", "must be >= 0")
         need(self.rollout.max_restarts >= 0, "rollout.max_restarts", "must be >= 0")
+        need(self.rollout.threads >= 0 and self.train.threads >= 0, "rollout.threads/train.threads", "must be >= 0")
         need(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
         need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         need(self.eval.every >= 0, "eval.every", "must be >= 0")

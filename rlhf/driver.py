@@ -9,9 +9,11 @@ GRPO as implemented here (Shao et al. 2024) keeps: n samples per prompt, group-n
 advantages, the PPO clipped surrogate, an optional k3 KL to a frozen reference in the loss. It
 departs from the paper in two documented ways: the loss is aggregated token-mean over the
 mini-batch by default (DAPO; `algorithm.loss_agg` selects the paper's seq-mean-token-mean), and
-the "old" log-probs are recomputed by the trainer before its first update rather than taken from
-the generator, so the first update's ratio is exactly 1 and the generator-vs-trainer log-prob
-gap is measured every step instead of silently entering the loss.
+the "old" log-probs are the trainer's, not the generator's, so the first update's ratio is exactly 1
+and the generator-vs-trainer log-prob gap is measured every step instead of silently entering the
+loss. With several updates per batch (epochs, mini-batches) the trainer computes them in a pass of
+their own; with one (`cfg.single_update`) they are its training forward's, detached, and the pass
+is skipped.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
             if a.truncated == "mask":
                 batch = mask_truncated(batch, samples)
             with timed(m, "logprobs"):
-                old_logprobs = topo.trainer.compute_logprobs(batch)
+                old_logprobs = None if cfg.single_update else topo.trainer.compute_logprobs(batch)
                 ref_logprobs = ray.get(topo.reference.compute_logprobs.remote(batch)) if topo.reference else None
                 values = topo.critic.compute_values(batch) if topo.critic else None
 
@@ -144,6 +146,9 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
                 with timed(m, "eval"):
                     m.update(evaluate(topo.generators, scorer, eval_prompts, cfg, restart=topo.restart_generator))
             m["timing/step_s"] = time.perf_counter() - t_step
+            # What no phase accounts for: batching, buffer, metrics, the driver's own Python.
+            m["timing/idle_s"] = m["timing/step_s"] - sum(v for k, v in m.items() if k.startswith("timing/")
+                                                          and k.endswith("_s") and k != "timing/step_s")
             log.log(step, m)
 
             # 9. checkpoint
@@ -246,11 +251,12 @@ def rollout_metrics(samples: list[Sample], batch: TrainBatch, generate_s: float)
         "rollout/truncated_frac": sum(s.truncated for s in samples) / len(samples),
         "rollout/tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
         "rollout/policy_version": float(min(s.policy_version for s in samples)),
-        # The trainer's and the generator's log-probs of the same tokens from the same weights.
-        "sync/logprob_gap": masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask).item(),
     }
-    if batch.ref_logprobs is not None:
-        m["kl/ref"] = masked_mean(KL_ESTIMATORS["k3"](batch.old_logprobs, batch.ref_logprobs), mask).item()
+    if batch.old_logprobs is not None:  # else the trainer measured both in its forward (cfg.single_update)
+        # The trainer's and the generator's log-probs of the same tokens from the same weights.
+        m["sync/logprob_gap"] = masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask).item()
+        if batch.ref_logprobs is not None:
+            m["kl/ref"] = masked_mean(KL_ESTIMATORS["k3"](batch.old_logprobs, batch.ref_logprobs), mask).item()
     return m
 
 

@@ -78,3 +78,47 @@ def test_evaluation_is_logged_and_the_best_checkpoint_is_kept(ray_cluster, tiny_
     best_step = max((r["eval/reward/mean"], r["step"]) for r in rows if "eval/reward/mean" in r)[1]
     kept = {p.name for p in complete_checkpoints(tmp_path / "grpo_tiny" / "checkpoints")}
     assert kept == {"step-000004", f"step-{best_step:06d}"}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_loads_in_transformers_and_vllm_and_reproduces_the_trainers_logprobs(stack, tmp_path):
+    """After a training step the real checkpoint writer saves the stack's trainer; a fresh vLLM engine
+    and plain transformers, both loading policy_hf from disk, give the trainer's log-probs."""
+    import ray
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from actors.common import batch_logprobs
+    from rlhf import checkpoint
+    from rlhf.algorithms import masked_mean
+    from rlhf.types import collate
+    from rollout.generator import Generator, generator_env
+    from tests.test_e2e import LOGPROB_GAP_TOL, _gap, _generate_batch, _loader, _train_once
+
+    cfg, topo = stack
+    tok, loader = _loader(cfg)
+    batch, samples = _generate_batch(cfg, topo, loader, tok, seed=11)
+    _, old = _gap(topo, batch)
+    _train_once(cfg, topo, batch, samples, old, step=1)  # weights no longer those of the model on disk
+    topo.weight_sync.push(topo.weight_sync.version + 1)  # keep the shared stack's generators in sync
+    cfg_ckpt = load_config(TINY, tiny_overrides(cfg.model.path, tmp_path, **{"checkpoint.dir": tmp_path / "ckpt"}))
+    hf_dir = checkpoint.save(topo, cfg_ckpt, 7, loader.state_dict(), {}) / "policy_hf"
+
+    fresh_cfg = load_config(TINY, tiny_overrides(hf_dir, tmp_path))
+    fresh = Generator.options(num_cpus=0, runtime_env={"env_vars": generator_env(fresh_cfg, "cpu")}).remote(
+        0, fresh_cfg, "cpu")
+    try:
+        groups = ray.get(fresh.generate.remote(loader.next_batch(cfg.rollout.prompts_per_step), 12))
+    finally:
+        ray.kill(fresh)
+    batch = collate([s for g in groups for s in g.samples], tok.pad_token_id)
+    trainer_lp = topo.trainer.compute_logprobs(batch)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf_lp = batch_logprobs(model, batch, cfg.rollout.temperature, 16, torch.device("cpu"))
+    mask = batch.loss_mask
+    assert masked_mean((trainer_lp - batch.rollout_logprobs).abs(), mask).item() < LOGPROB_GAP_TOL  # vLLM
+    assert (trainer_lp - hf_lp).abs().max().item() < 1e-5  # transformers
+    # ...and the checkpoint holds the trained weights, not the model the run started from.
+    start = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
+    start_lp = batch_logprobs(start, batch, cfg.rollout.temperature, 16, torch.device("cpu"))
+    assert masked_mean((start_lp - hf_lp).abs(), mask).item() > 100 * LOGPROB_GAP_TOL

@@ -76,3 +76,24 @@ def test_the_estimator_decides_which_models_run():
 def test_algorithm_knobs_are_validated(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, [override])
+
+
+def test_linear_lr_schedule_decays_to_zero_at_the_last_optimizer_step():
+    import torch
+
+    from actors.deepspeed_rank import lr_schedule
+
+    # 3 steps x (32 samples / mini-batch 16) x 2 epochs = 12 optimizer steps
+    cfg = load_config(None, ["model.path=m", "data.path=d", "reward.functions=[{fn: f.py:g}]", "steps=3",
+                             "train.mini_batch_size=16", "algorithm.ppo_epochs=2", "train.lr=0.1",
+                             "train.lr_schedule=linear"])
+    assert lr_schedule(load_config(None, ["model.path=m", "data.path=d", "reward.functions=[{fn: f.py:g}]"])) is None
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = lr_schedule(cfg)(opt)
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.1 * (1 - k / 12) for k in range(12)])
+    assert opt.param_groups[0]["lr"] == 0.0

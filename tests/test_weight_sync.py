@@ -13,7 +13,7 @@ from rlhf.topology import build_topology
 from rollout.generator import generate_groups as generate
 from tests.conftest import REPO, tiny_overrides
 from tests.test_e2e import _gap, _generate_batch, _loader, _train_once
-from weight_sync.service import WeightSyncError
+from weight_sync.service import GeneratorLost, WeightSyncError
 
 pytestmark = pytest.mark.slow
 
@@ -71,17 +71,40 @@ def test_a_corrupted_tensor_is_detected_and_named(stack):
     topo.weight_sync.push(topo.weight_sync.version + 1)  # the next push repairs it
 
 
-def test_a_killed_generator_fails_the_push_within_the_timeout_naming_it(ray_cluster, tiny_model, tmp_path):
+def test_a_dead_or_hung_generator_fails_the_push_within_the_timeout_naming_it(ray_cluster, tiny_model, tmp_path):
+    """generator-1 killed: the push fails naming it; a replacement joins a new group and gets version 2.
+    Then generator-0 frozen (SIGSTOP): the push fails within the timeout naming it as dead or hung;
+    thawed, it rejoins and serves version 4."""
+    import os
+    import signal
+
+    from ray._private.state import actors
+
     cfg = load_config(REPO / "configs" / "grpo_tiny.yaml", tiny_overrides(tiny_model, tmp_path, **{
-        "rollout.num_generators": 2, "weight_sync.timeout_s": 20}))
+        "rollout.num_generators": 2, "weight_sync.timeout_s": 10}))
     topo = build_topology(cfg, "cpu", run_id="kill-test")
     try:
         topo.weight_sync.push(1)
         ray.kill(topo.generators[1])
         t0 = time.monotonic()
-        with pytest.raises(WeightSyncError, match=r"push of version 2: generator-1 (died|.*dead or hung)"):
+        with pytest.raises(GeneratorLost, match=r"push of version 2: generator-1 died"):
             topo.weight_sync.push(2)
         assert time.monotonic() - t0 < cfg.weight_sync.timeout_s + 5
+        topo.restart_generator(1, push=False)
+        topo.weight_sync.push(2)
+
+        pid = actors(actor_id=topo.generators[0]._actor_id.hex())["Pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(WeightSyncError, match=r"push of version 3: no answer within 10 s from generator-0"):
+                topo.weight_sync.push(3)
+            assert time.monotonic() - t0 < cfg.weight_sync.timeout_s + 5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        topo.weight_sync.reconnect()
+        topo.weight_sync.push(4)
+        assert [ray.get(g.serving_version.remote()) for g in topo.generators] == [4, 4]
     finally:
         for actor in [*topo.generators, *topo.trainer.ranks]:
             ray.kill(actor)  # trainer rank 0 may still sit in the broadcast; no close() handshake

@@ -1,0 +1,197 @@
+"""Rollout overhead: our Generator Ray actor vs plain vllm.LLM.generate, on the same batches.
+
+    python bench/rollout_overhead.py [--model DIR] [--prompts FILE] [--batches 30] [--warmup 3] [--repeats 1]
+
+Generated tokens/s of
+  raw:             one vllm.LLM in this process; the clock runs around `llm.generate` alone;
+  actor:           one rollout.generator.Generator actor (resources.generator_cpus CPUs), timed from this driver
+                   around `ray.get(gen.generate.remote(batch, seed))`: what a run's driver pays per batch (Ray
+                   submit, object transfer, the actor's conversion of outputs to SampleGroups) on top of vLLM;
+  engine in actor: the actor's own `self.llm.generate`, timed inside the actor (via __ray_call__, right after
+                   each actor batch): the engine's speed in the actor's process, without Ray or our conversion.
+Fair by construction: both engines get the actor's engine args from one config (--config; model.* and rollout.*,
+seed + generator index 0, logprobs_mode="processed_logprobs", no worker extension), generator_env's variables
+(in-process engine core, same KV cache size) are set before vllm is imported, both get the same batches of
+prompt token ids (tokenized once by the run's PromptLoader) and the same SamplingParams (temperature, n,
+max_tokens, logprobs=0, per-prompt seed = batch seed + prompt.index). The prefix cache is reset before every
+call, so repeated prompts (--repeats) are not cheaper on one side. Tokens are counted from each side's outputs
+(EOS may end completions early). Only one engine lives at a time (2-core machine): raw runs first and is shut
+down before Ray starts. No thread settings are changed on either side; each side's torch thread count is shown.
+Medians are over the timed batches (after --warmup batches); tokens/s = timed tokens / timed seconds.
+Prints a table, then one JSON line with actor_over_raw = actor tokens/s / raw tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_key, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def sampling_params(r, prompts: list, seed: int) -> list:
+    """The actor's non-greedy SamplingParams (rollout/generator.py), one per prompt."""
+    from vllm import SamplingParams
+
+    return [SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                           max_tokens=r.max_new_tokens, logprobs=0, seed=seed + p.index) for p in prompts]
+
+
+def engine_only(gen, prompts: list, seed: int) -> tuple[float, int, int, int]:
+    """Runs inside the Generator actor: its engine alone on one batch -> (s, tokens, completions, threads)."""
+    import torch
+
+    params = sampling_params(gen.cfg.rollout, prompts, seed)
+    gen.llm.reset_prefix_cache()
+    t0 = time.perf_counter()
+    outs = gen.llm.generate([{"prompt_token_ids": p.ids} for p in prompts], params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return dt, tokens, sum(len(o.outputs) for o in outs), torch.get_num_threads()
+
+
+def batch_seed(cfg, b: int) -> int:
+    return cfg.seed * 1_000_003 + b * 10_007  # as the driver derives a step's seed
+
+
+def run_raw(cfg, batches: list, schedule: list) -> tuple[list, int]:
+    from rollout.generator import generator_env
+
+    env_before = dict(os.environ)
+    os.environ.update(generator_env(cfg, "cpu"))  # before vllm is imported: it reads them at import and init
+    import torch
+    from vllm import LLM
+
+    # Generator.__init__'s engine args for generator index 0 (seed + index), less its worker extension
+    llm = LLM(model=cfg.model.path, dtype=cfg.model.dtype, seed=cfg.seed, max_model_len=cfg.rollout.max_model_len,
+              enforce_eager=cfg.rollout.enforce_eager, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+              trust_remote_code=cfg.model.trust_remote_code, logprobs_mode="processed_logprobs")
+    rows = []
+    for b, timed in schedule:
+        inputs = [{"prompt_token_ids": p.ids} for p in batches[b]]
+        params = sampling_params(cfg.rollout, batches[b], batch_seed(cfg, b))
+        llm.reset_prefix_cache()
+        t0 = time.perf_counter()
+        outs = llm.generate(inputs, params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        if timed:
+            rows.append((dt, sum(len(c.token_ids) for o in outs for c in o.outputs), sum(len(o.outputs) for o in outs)))
+    threads = torch.get_num_threads()
+    llm.llm_engine.engine_core.shutdown()  # in-process engine core: frees the KV cache, undoes vLLM's gc.freeze()
+    del llm, outs
+    gc.collect()
+    os.environ.clear()
+    os.environ.update(env_before)  # Ray's processes inherit this process's environment
+    return rows, threads
+
+
+def run_actor(cfg, batches: list, schedule: list) -> tuple[list, list, int]:
+    import ray
+
+    from rollout.generator import Generator, generator_env
+
+    ray.init(address="local", num_cpus=max(2, math.ceil(cfg.resources.generator_cpus)), include_dashboard=False)
+    gen = Generator.options(num_cpus=cfg.resources.generator_cpus,
+                            runtime_env={"env_vars": generator_env(cfg, "cpu")}).remote(0, cfg, "cpu")
+    ray.get(gen.num_workers.remote())  # the engine is up
+    rows, engine_rows, threads = [], [], 0
+    for b, timed in schedule:
+        seed = batch_seed(cfg, b)
+        ray.get(gen.__ray_call__.remote(lambda g: g.llm.reset_prefix_cache()))
+        t0 = time.perf_counter()
+        groups = ray.get(gen.generate.remote(batches[b], seed))
+        dt = time.perf_counter() - t0
+        *engine_row, threads = ray.get(gen.__ray_call__.remote(engine_only, batches[b], seed))
+        if timed:
+            rows.append((dt, sum(len(s.completion_ids) for g in groups for s in g.samples),
+                         sum(len(g.samples) for g in groups)))
+            engine_rows.append(tuple(engine_row))
+    ray.shutdown()
+    return rows, engine_rows, threads
+
+
+def summarize(rows: list) -> dict:
+    seconds = sum(r[0] for r in rows)
+    return {"batches": len(rows), "median_s": statistics.median(r[0] for r in rows), "tokens": sum(r[1] for r in rows),
+            "tokens_per_s": sum(r[1] for r in rows) / seconds, "completions_per_s": sum(r[2] for r in rows) / seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="HF model dir (default: the repo's tiny model at .cache/tiny-model, "
+                    "built there if missing, as scripts/demo.sh does)")
+    ap.add_argument("--prompts", type=Path, default=REPO / "examples/charset/prompts.jsonl", help="a .jsonl with "
+                    "a 'prompt' column (the config's data.prompt_key)")
+    ap.add_argument("--config", type=Path, default=REPO / "configs/grpo_tiny.yaml", help="engine args and seed")
+    ap.add_argument("--batches", type=int, default=30, help="timed batches per side (per repeat)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed batches first, on each side")
+    ap.add_argument("--prompts-per-batch", type=int, default=8)
+    ap.add_argument("--n", type=int, default=4, help="completions per prompt")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=1, help="passes over the timed batches, on the same engine")
+    args = ap.parse_args()
+    from rlhf.config import load_config
+
+    model = args.model or REPO / ".cache/tiny-model"
+    if args.model is None and not (model / "config.json").exists():
+        from rlhf.tiny_model import build
+
+        build(model, corpus=REPO / "examples/charset/prompts.jsonl")
+    size = args.prompts_per_batch * args.n
+    cfg = load_config(args.config, [
+        f"model.path={model.resolve()}", f"data.path={args.prompts.resolve()}", f"rollout.samples_per_prompt={args.n}",
+        f"rollout.prompts_per_step={args.prompts_per_batch}", f"rollout.max_new_tokens={args.max_tokens}",
+        "train.ranks=1", f"train.mini_batch_size={size}", f"train.micro_batch_size={size}", "eval.every=0"])
+    os.chdir(REPO)  # Ray's workers import rollout.generator from the driver's working directory
+
+    from transformers import AutoTokenizer
+
+    from rlhf.data import PromptLoader, load_prompt_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    loader = PromptLoader(load_prompt_dataset(cfg.data), tokenizer, cfg.data, cfg.seed)
+    batches = [loader.next_batch(args.prompts_per_batch) for _ in range(args.warmup + args.batches)]
+    schedule = [(b, False) for b in range(args.warmup)]
+    schedule += [(args.warmup + b, True) for _ in range(args.repeats) for b in range(args.batches)]
+
+    raw_rows, raw_threads = run_raw(cfg, batches, schedule)
+    actor_rows, engine_rows, actor_threads = run_actor(cfg, batches, schedule)
+    raw, actor, engine = summarize(raw_rows), summarize(actor_rows), summarize(engine_rows)
+
+    print(f"\n{os.cpu_count()} CPUs, {platform.platform()}; model {cfg.model.path}; {args.prompts_per_batch} prompts "
+          f"x n={args.n}, max {args.max_tokens} tokens; {args.batches} batches x {args.repeats} after {args.warmup} "
+          f"warm-up; enforce_eager={cfg.rollout.enforce_eager}")
+    print(f"{'side':<17} {'batches':>7} {'median s/batch':>14} {'tokens/s':>9} {'completions/s':>13} {'threads':>7}")
+    for name, s, threads in (("raw LLM.generate", raw, raw_threads), ("engine in actor", engine, actor_threads),
+                             ("actor generate()", actor, actor_threads)):
+        print(f"{name:<17} {s['batches']:>7} {s['median_s']:>14.4f} {s['tokens_per_s']:>9.1f} "
+              f"{s['completions_per_s']:>13.1f} {threads:>7}")
+    ratio = actor["tokens_per_s"] / raw["tokens_per_s"]
+    print(f"actor_over_raw = {ratio:.3f} (engine in actor / raw = {engine['tokens_per_s'] / raw['tokens_per_s']:.3f}, "
+          f"actor / engine in actor = {actor['tokens_per_s'] / engine['tokens_per_s']:.3f}); generated tokens: "
+          f"raw {raw['tokens']}, actor {actor['tokens']}, engine in actor {engine['tokens']}")
+    print(json.dumps({"actor_over_raw": ratio, "raw_tokens_per_s": raw["tokens_per_s"],
+                      "actor_tokens_per_s": actor["tokens_per_s"], "raw_completions_per_s": raw["completions_per_s"],
+                      "actor_completions_per_s": actor["completions_per_s"],
+                      "engine_in_actor_tokens_per_s": engine["tokens_per_s"],
+                      "engine_in_actor_over_raw": engine["tokens_per_s"] / raw["tokens_per_s"],
+                      "raw_median_s": raw["median_s"], "actor_median_s": actor["median_s"],
+                      "raw_tokens": raw["tokens"], "actor_tokens": actor["tokens"], "batches": raw["batches"],
+                      "threads": {"raw": raw_threads, "actor": actor_threads},
+                      "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}))
+
+
+if __name__ == "__main__":
+    main()
