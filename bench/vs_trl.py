@@ -145,7 +145,7 @@ def run_trl(task: Path, steps: int, lr: float, seed: int, out: Path) -> dict:
     return {**figures([r["wall_s"] for r in rows], completions, [r["reward_mean"] for r in rows], phases), **mem}
 
 
-def ours_config(task: Path, steps: int, lr: float, seed: int, out: Path, threads: int) -> dict:
+def ours_config(task: Path, steps: int, lr: float, seed: int, out: Path, threads: int, compiled: bool) -> dict:
     """Our config with TRL's settings (see the module docstring); written as YAML for `python -m rlhf.train`."""
     return {
         "name": f"vs_trl_s{seed}", "seed": seed, "steps": steps,
@@ -153,7 +153,8 @@ def ours_config(task: Path, steps: int, lr: float, seed: int, out: Path, threads
         "data": {"path": str(task / "prompts.jsonl"), "prompt_key": "prompt", "shuffle": False,
                  "max_prompt_tokens": 64},
         "rollout": {"num_generators": 1, "prompts_per_step": 8, "samples_per_prompt": 4, "max_new_tokens": 32,
-                    "temperature": 1.0, "top_p": 1.0, "top_k": -1},
+                    "temperature": 1.0, "top_p": 1.0, "top_k": -1, "threads": threads,
+                    "enforce_eager": not compiled},
         "reward": {"functions": [{"fn": f"{REPO}/examples/charset/reward.py:charset_reward", "weight": 1.0}]},
         "algorithm": {"advantage": "grpo", "policy_loss": "ppo_clip", "loss_agg": "token-mean", "clip_low": 0.2,
                       "clip_high": 0.2, "kl_coef": 0.0, "ppo_epochs": 1, "std_eps": 1.0e-4},
@@ -168,9 +169,9 @@ def ours_config(task: Path, steps: int, lr: float, seed: int, out: Path, threads
     }
 
 
-def run_ours(task: Path, steps: int, lr: float, seed: int, out: Path, threads: int) -> dict:
+def run_ours(task: Path, steps: int, lr: float, seed: int, out: Path, threads: int, compiled: bool) -> dict:
     config = out / "config.yaml"
-    config.write_text(yaml.safe_dump(ours_config(task, steps, lr, seed, out, threads), sort_keys=False))
+    config.write_text(yaml.safe_dump(ours_config(task, steps, lr, seed, out, threads, compiled), sort_keys=False))
     lines, mem = run_measured([sys.executable, "-m", "rlhf.train", "--config", str(config)], out / "ours.log")
     summary = json.loads(next(line for line in reversed(lines) if line.startswith("summary: ")).split(" ", 1)[1])
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
@@ -232,8 +233,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / ".cache" / "bench" / "vs_trl"))
     ap.add_argument("--lr-tiny", type=float, default=3e-3)
     ap.add_argument("--lr-50m", type=float, default=1e-3)
-    ap.add_argument("--train-threads", type=int, default=0,
-                    help="our train.threads (0: the trainer actor's Ray CPUs, i.e. 1; TRL's process uses all cores)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="our rollout.enforce_eager=false: vLLM compiles the model at start-up (slower start, faster "
+                         "generation)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="our rollout.threads and train.threads: generation and training take turns, so each uses "
+                         "every core, as TRL's single process does")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     args = ap.parse_args()
@@ -260,7 +265,7 @@ def main() -> None:
                 out = out_root / f"{size}-s{seed}-{system}"
                 out.mkdir(parents=True, exist_ok=True)
                 r = (run_trl(task, steps, lr, seed, out) if system == "trl"
-                     else run_ours(task, steps, lr, seed, out, args.train_threads))
+                     else run_ours(task, steps, lr, seed, out, args.threads, args.compiled))
                 res[system].append(r)
                 (out / "result.json").write_text(json.dumps(r, indent=1))
                 print(f"{size} seed {seed} {system:>4}: {r['samples_per_s']:.1f} completions/s, reward "
