@@ -72,8 +72,11 @@ class DeepSpeedRank:
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")  # Ray gives each rank its own device
-        if self.cfg.train.threads:
-            torch.set_num_threads(self.cfg.train.threads)
+        cores = self.cfg.resources.trainer_cores
+        if cores and self.device.type == "cpu":  # pinned as a GPU would be its own device
+            os.sched_setaffinity(0, cores)
+        if self.cfg.train.threads or cores:
+            torch.set_num_threads(self.cfg.train.threads or len(cores))
         torch.manual_seed(self.cfg.seed)
         deepspeed.init_distributed(dist_backend=self.backend, auto_mpi_discovery=False)
         model = build_model()

@@ -8,7 +8,14 @@ import torch
 
 from actors.common import batch_logprobs, micro_logits
 from actors.deepspeed_rank import DeepSpeedRank, node_host, shard_minibatches, sharded_forward
-from rlhf.algorithms import KL_ESTIMATORS, POLICY_LOSSES, aggregate, entropy_from_logits, token_logprobs
+from rlhf.algorithms import (
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    aggregate,
+    entropy_from_logits,
+    token_logprobs,
+    truncated_is_weights,
+)
 from rlhf.config import RunConfig
 from rlhf.types import TrainBatch
 from weight_sync.group import free_port
@@ -42,7 +49,7 @@ class PolicyTrainer(DeepSpeedRank):
         policy_loss, kl_estimator = POLICY_LOSSES[a.policy_loss], KL_ESTIMATORS[a.kl_estimator]
         self.engine.train()
         s = {"tokens": 0.0, "clipped": 0.0, "approx_kl": 0.0, "loss/policy": 0.0, "loss/kl": 0.0, "entropy": 0.0,
-             "optimizer_steps": 0.0}
+             "optimizer_steps": 0.0, "tis_sum": 0.0, "tis_capped": 0.0}
         first = True
         for shard in minibatches:
             for mb in shard.chunks(gas):
@@ -52,7 +59,9 @@ class PolicyTrainer(DeepSpeedRank):
                 # No old log-probs: this is the batch's only update, so the policy before it is this forward's.
                 old = logp.detach() if mb.old_logprobs is None else mb.old_logprobs.to(self.device)
                 out = policy_loss(logp, old, mb.advantages.to(self.device), a.clip_low, a.clip_high)
-                pg_loss = aggregate(out.loss, mask, a.loss_agg, shard.loss_denominator)
+                rollout = mb.rollout_logprobs.to(self.device)
+                tis = truncated_is_weights(old, rollout, a.tis_cap)  # samples drawn by the generator's policy
+                pg_loss = aggregate(out.loss * tis, mask, a.loss_agg, shard.loss_denominator)
                 loss = pg_loss
                 if a.kl_coef > 0 and not a.kl_in_reward:
                     kl = aggregate(kl_estimator(logp, mb.ref_logprobs.to(self.device)), mask, a.loss_agg,
@@ -71,9 +80,12 @@ class PolicyTrainer(DeepSpeedRank):
                     s["clipped"] += (out.clipped * mask).sum().item()
                     s["approx_kl"] += policy_kl.sum().item()
                     s["loss/policy"] += pg_loss.item()
+                    s["tis_sum"] += (tis * mask).sum().item()
+                    s["tis_capped"] += ((tis >= a.tis_cap) * mask).sum().item() if a.tis_cap else 0.0
                     if mb.old_logprobs is None:  # what the driver would have measured on a separate pass
-                        s["gap_sum"] = s.get("gap_sum", 0.0) + ((old - mb.rollout_logprobs.to(self.device)).abs()
-                                                                * mask).sum().item()
+                        fresh = mask * mb.on_policy_rows().to(self.device)[:, None]
+                        s["gap_sum"] = s.get("gap_sum", 0.0) + ((old - rollout).abs() * fresh).sum().item()
+                        s["gap_tokens"] = s.get("gap_tokens", 0.0) + fresh.sum().item()
                         if mb.ref_logprobs is not None:
                             kl_ref = KL_ESTIMATORS["k3"](old, mb.ref_logprobs.to(self.device))
                             s["kl_ref_sum"] = s.get("kl_ref_sum", 0.0) + (kl_ref * mask).sum().item()
@@ -139,8 +151,9 @@ def reduce_rank_stats(stats: list[dict[str, float]]) -> dict[str, float]:
     tokens = sum(s["tokens"] for s in stats)
     steps = stats[0]["optimizer_steps"]
     measured = {}  # single_update: the gap and the reference KL come from the training forward
-    if "gap_sum" in stats[0]:
-        measured["sync/logprob_gap"] = sum(s["gap_sum"] for s in stats) / max(tokens, 1.0)
+    gap_tokens = sum(s.get("gap_tokens", 0.0) for s in stats)
+    if gap_tokens:  # only samples of the weights the trainer holds: older ones differ by design
+        measured["sync/logprob_gap"] = sum(s["gap_sum"] for s in stats) / gap_tokens
     if "kl_ref_sum" in stats[0]:
         measured["kl/ref"] = sum(s["kl_ref_sum"] for s in stats) / max(tokens, 1.0)
     return measured | {
@@ -150,6 +163,8 @@ def reduce_rank_stats(stats: list[dict[str, float]]) -> dict[str, float]:
         "policy/clip_frac": sum(s["clipped"] for s in stats) / max(tokens, 1.0),
         "policy/approx_kl": sum(s["approx_kl"] for s in stats) / max(tokens, 1.0),
         "policy/first_ratio_max_dev": max(s["first/ratio_max_dev"] for s in stats),
+        "policy/tis_weight": sum(s["tis_sum"] for s in stats) / max(tokens, 1.0),
+        "policy/tis_capped_frac": sum(s["tis_capped"] for s in stats) / max(tokens, 1.0),
         "policy/first_kl": max(s["first/policy_kl"] for s in stats),
         "train/grad_norm": stats[0]["grad_norm"],
         "train/lr": stats[0]["lr"],

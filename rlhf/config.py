@@ -67,6 +67,14 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     max_restarts: int = 3  # a generator actor that dies is replaced this many times in a run, then the run fails
     threads: int = 0  # CPU threads of each engine (OMP); 0 = the actor's Ray CPUs (Ray's default)
+    # sync: generate, train, push, repeat (on-policy). async: generators keep producing while the trainer
+    # trains, and a batch may come from weights up to max_staleness versions behind the trainer's.
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = 1  # async only: older samples are dropped (and counted), never trained
+    inflight_on_update: Literal["abort", "finish"] = "abort"  # requests running when new weights arrive:
+    # abort = aborted and run again on the new weights; finish = complete on the old ones, then the update
+    buffer_groups: int = 0  # replay-buffer capacity in groups (in flight + ready); 0 = prompts_per_step x
+    # (max_staleness + 1) in async mode, prompts_per_step in sync mode. A full buffer stops generation.
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,10 @@ class AlgorithmConfig:
     overlong_buffer: int = 0  # > 0: soft length penalty over the last N tokens before max_new_tokens
     truncated: Literal["keep", "mask", "penalize"] = "keep"  # samples that hit max_new_tokens
     truncated_penalty: float = -1.0  # added to a truncated sample's reward when truncated=penalize
+    # Truncated importance sampling: each token's loss is weighted by min(pi_old / pi_rollout, tis_cap),
+    # correcting for samples drawn by an older policy (async) or a generator that differs slightly
+    # from the trainer (Yao et al. 2025). 0 = off.
+    tis_cap: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -183,6 +195,9 @@ class ResourcesConfig:
     reference_gpus: float = 1.0
     critic_gpus: float = 1.0
     reward_model_gpus: float = 1.0
+    # CPU only: pin generators / trainer ranks to these core ids (as disjoint GPUs would be); () = no pinning
+    generator_cores: tuple[int, ...] = ()
+    trainer_cores: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -248,6 +263,19 @@ class RunConfig:
                 and not (self.algorithm.kl_in_reward and self.uses_reference))
 
     @property
+    def buffer_capacity(self) -> int:
+        """Replay-buffer capacity in groups, counting those in flight (rollout.buffer_groups)."""
+        r = self.rollout
+        if r.buffer_groups:
+            return r.buffer_groups
+        return r.prompts_per_step * (r.max_staleness + 1 if r.mode == "async" else 1)
+
+    @property
+    def max_staleness(self) -> int:
+        """How many policy versions a trained sample may lag the trainer: 0 in sync mode."""
+        return self.rollout.max_staleness if self.rollout.mode == "async" else 0
+
+    @property
     def grad_accum_steps(self) -> int:
         return self.train.mini_batch_size // (self.train.micro_batch_size * self.train.ranks)
 
@@ -271,6 +299,16 @@ class RunConfig:
         need(self.reward.model.max_restarts >= 0, "reward.model.max_restarts", "must be >= 0")
         need(self.rollout.max_restarts >= 0, "rollout.max_restarts", "must be >= 0")
         need(self.rollout.threads >= 0 and self.train.threads >= 0, "rollout.threads/train.threads", "must be >= 0")
+        need(self.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
+        need(self.rollout.buffer_groups == 0 or self.rollout.buffer_groups >= self.rollout.prompts_per_step,
+             "rollout.buffer_groups", f"must be 0 (automatic) or >= rollout.prompts_per_step "
+             f"({self.rollout.prompts_per_step}): a smaller buffer can never hold a batch")
+        need(self.algorithm.tis_cap == 0 or self.algorithm.tis_cap >= 1, "algorithm.tis_cap",
+             "must be 0 (off) or >= 1 (a cap below 1 down-weights even on-policy tokens)")
+        for key in ("generator_cores", "trainer_cores"):
+            cores = getattr(self.resources, key)
+            need(all(c >= 0 for c in cores) and len(set(cores)) == len(cores), f"resources.{key}",
+                 f"{list(cores)} must be distinct core ids >= 0")
         need(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
         need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         need(self.eval.every >= 0, "eval.every", "must be >= 0")

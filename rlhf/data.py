@@ -4,6 +4,7 @@ saved with `save_to_disk`, or a hub dataset id. Batches come out in order (or sh
 from __future__ import annotations
 
 import random
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ class PromptLoader:
         self.order = self._order()
         self.skipped_too_long = 0
         self.handed_out = 0  # prompts returned by next_batch in this process (not saved: a resumed run counts anew)
+        self.requeued: deque[int] = deque()  # rows handed out before a checkpoint but never trained: first out
 
     def _order(self) -> list[int]:
         order = list(range(len(self.dataset)))
@@ -57,11 +59,13 @@ class PromptLoader:
             self.rng.shuffle(order)
         return order
 
-    def state_dict(self) -> dict:
-        """Where the loader is, as JSON-able data: resuming from it yields the same batches."""
+    def state_dict(self, pending: list[Prompt] | tuple[Prompt, ...] = ()) -> dict:
+        """Where the loader is, as JSON-able data: resuming from it yields the same batches. `pending`:
+        prompts handed out but not trained yet (async rollouts in flight); they come out first on resume."""
         version, internal, gauss = self.rng.getstate()
         return {"epoch": self.epoch, "position": self.position, "order": self.order,
-                "rng": [version, list(internal), gauss], "skipped_too_long": self.skipped_too_long}
+                "rng": [version, list(internal), gauss], "skipped_too_long": self.skipped_too_long,
+                "pending": [p.index for p in pending] + list(self.requeued)}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["order"]) != len(self.dataset):
@@ -71,10 +75,15 @@ class PromptLoader:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.skipped_too_long = state["skipped_too_long"]
+        self.requeued = deque(state.get("pending", []))
 
     def next_batch(self, n: int) -> list[Prompt]:
         batch: list[Prompt] = []
         scanned = 0
+        while len(batch) < n and self.requeued:
+            prompt = self._prompt(self.requeued.popleft())
+            if prompt is not None:
+                batch.append(prompt)
         while len(batch) < n:
             if self.position == len(self.order):
                 self.epoch, self.position, self.order = self.epoch + 1, 0, self._order()

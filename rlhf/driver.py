@@ -2,8 +2,14 @@
 
     setup:     config -> dataset, tokenizer, reward functions -> Ray actors (rlhf/topology.py)
                -> weight-sync group -> resume from a checkpoint, if asked
-    each step: prompts -> rollout -> reward -> replay buffer -> old/reference log-probs, critic values
-               -> advantages -> train (policy, critic) -> weight sync -> log -> eval -> checkpoint
+    each step: a batch from the replay buffer (rlhf/rollouts.py: prompts -> generators -> rewards,
+               group by group) -> old/reference log-probs, critic values -> advantages
+               -> train (policy, critic) -> weight sync -> log -> eval -> checkpoint
+
+rollout.mode=sync generates each step's batch on the weights just pushed; rollout.mode=async keeps
+the generators producing while the trainer trains, with samples at most rollout.max_staleness
+versions old, and the loss corrects for the older policy by truncated importance sampling
+(algorithm.tis_cap; the generator's log-probs are stored with every sample).
 
 GRPO as implemented here (Shao et al. 2024) keeps: n samples per prompt, group-normalised outcome
 advantages, the PPO clipped surrogate, an optional k3 KL to a frozen reference in the loss. It
@@ -36,7 +42,6 @@ from rlhf.algorithms import (
     EstimatorInputs,
     explained_variance,
     gae_returns,
-    groups_with_signal,
     kl_penalty_rewards,
     masked_mean,
     whiten_over_mask,
@@ -45,10 +50,10 @@ from rlhf.config import RunConfig
 from rlhf.data import PromptLoader, load_prompt_dataset
 from rlhf.evaluation import evaluate
 from rlhf.metrics import RunLog
-from rlhf.shaping import mask_truncated, shape_rewards
+from rlhf.rollouts import RolloutStream
+from rlhf.shaping import mask_truncated
 from rlhf.topology import Topology, build_topology, resolve_device, teardown
-from rlhf.types import Sample, SampleGroup, TrainBatch, collate
-from rollout.generator import generate_groups
+from rlhf.types import Sample, TrainBatch, collate
 from weight_sync.service import GeneratorLost
 
 
@@ -77,6 +82,7 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
     log = RunLog(cfg)
     topo = build_topology(cfg, device, run_id=log.dir.name)
     a, group_size = cfg.algorithm, cfg.rollout.samples_per_prompt
+    stream = None
     try:
         first_step = 1
         if resume_from is not None:  # trainer (and critic) state, prompt position; generators get the weights
@@ -89,17 +95,19 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
             rewards.append(WeightedReward("reward_model", ModelReward(topo.reward_model), cfg.reward.model.weight))
         scorer = RewardScorer(rewards, on_error=cfg.reward.on_error, penalty=cfg.reward.penalty,
                               timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers)
+        stream = RolloutStream(topo, loader, scorer, cfg, first_step)
         for step in range(first_step, cfg.steps + 1):
             m: dict[str, float] = {}
             t_step = time.perf_counter()
 
-            # 1-2. prompts -> rollout -> reward (DAPO's dynamic sampling: more rounds until every group has signal)
-            groups = collect_groups(topo, loader, scorer, cfg, step, m)
-            topo.buffer.put(groups)
+            # 1-2. prompts -> rollout -> reward -> replay buffer, group by group; a batch comes out
+            # (DAPO's dynamic sampling: groups without signal are filtered and replaced)
+            groups = stream.next_batch(step, m)
 
             # 3. the trainer's ("old") and the reference's log-probs of the sampled tokens; the critic's values
-            samples = [s for g in topo.buffer.take(len(groups)) for s in g.samples]
-            batch = collate(samples, pad_id)
+            samples = [s for g in groups for s in g.samples]
+            staleness = torch.tensor([step - 1 - s.policy_version for s in samples], dtype=torch.float32)
+            batch = collate(samples, pad_id).with_(staleness=staleness)
             if a.truncated == "mask":
                 batch = mask_truncated(batch, samples)
             with timed(m, "logprobs"):
@@ -133,13 +141,17 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
             # 6. weight sync: every generator serves the new policy version
             with timed(m, "sync"):
                 m.update(push_weights(topo, version=step))
+            stream.weights_pushed()
+            if step == cfg.steps:
+                stream.stop(m)  # what is still in flight is counted as dropped
 
             # 7. log
-            m.update(rollout_metrics(samples, batch, m["timing/generate_s"]))
-            m["sync/gap_alarm"] = gap_alarm(m["sync/logprob_gap"], cfg.weight_sync.logprob_gap_alarm, step)
+            m.update(rollout_metrics(samples, batch, m.get("timing/generate_s", m["rollout/interval_s"])))
+            if "sync/logprob_gap" in m:  # absent when no sample of the batch came from the trainer's weights
+                m["sync/gap_alarm"] = gap_alarm(m["sync/logprob_gap"], cfg.weight_sync.logprob_gap_alarm, step)
             m["fault/generator_restarts"] = float(topo.generator_restarts)
-            m["buffer/groups"] = float(len(topo.buffer))
-            m["buffer/staleness_max"] = float(step - 1 - m["rollout/policy_version"])  # versions behind the trainer
+            m["buffer/staleness_max"] = staleness.max().item()  # versions behind the trainer
+            m["buffer/staleness_mean"] = staleness.mean().item()
 
             # 8. evaluation on the held-out prompts, with the weights just pushed
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps):
@@ -154,14 +166,18 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
             # 9. checkpoint
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
                     step == cfg.steps and cfg.checkpoint.save_final):
-                print(f"checkpoint: {checkpoint.save(topo, cfg, step, loader.state_dict(), m)}", flush=True)
+                print(f"checkpoint: {checkpoint.save(topo, cfg, step, stream.loader_state(), m)}", flush=True)
     except ray.exceptions.RayActorError as e:  # a trainer, critic or reference rank: the run cannot go on
+        if stream is not None:
+            stream.halt()
         teardown(topo, graceful=False)
         found = checkpoint.complete_checkpoints(checkpoint.checkpoint_root(cfg))
         raise RunFailed(f"{topo.role_of(e.actor_id)} died ({type(e).__name__}); the run stops. Resubmit with "
                         f"checkpoint.resume=auto to continue from "
                         f"{found[-1] if found else 'the start (no complete checkpoint yet)'}") from e
     except BaseException:
+        if stream is not None:
+            stream.halt()
         teardown(topo, graceful=False)  # a failed sync may leave trainer rank 0 inside a broadcast
         raise
     teardown(topo)
@@ -176,12 +192,13 @@ class RunFailed(RuntimeError):
 
 def push_weights(topo: Topology, version: int) -> dict[str, float]:
     """Push `version` to every generator; one that dies meanwhile is replaced and the push repeated."""
-    while True:
-        try:
-            return topo.weight_sync.push(version)
-        except GeneratorLost as e:
-            print(f"weight sync: {e}", flush=True)
-            topo.restart_generator(e.index, push=False)
+    with topo.sync_lock:  # async mode: the rollout stream may be replacing a generator meanwhile
+        while True:
+            try:
+                return topo.weight_sync.push(version)
+            except GeneratorLost as e:
+                print(f"weight sync: {e}", flush=True)
+                topo.restart_generator(e.index, push=False)
 
 
 ACCOUNTS = ("taken", "trained", "filtered", "dropped")  # data/prompts_<account>, logged every step
@@ -203,42 +220,6 @@ class AccountingError(RuntimeError):
     """A prompt was lost or counted twice."""
 
 
-def collect_groups(topo: Topology, loader: PromptLoader, scorer: RewardScorer, cfg: RunConfig, step: int,
-                   m: dict[str, float]) -> list[SampleGroup]:
-    """prompts_per_step scored groups. With dynamic sampling, groups whose rewards are all equal
-    (no signal for a group baseline) are set aside and more prompts generated, up to
-    max_sampling_rounds; if the batch is still short, set-aside groups fill it. Every prompt taken
-    is counted: data/prompts_taken = data/prompts_trained + data/prompts_filtered."""
-    a, want = cfg.algorithm, cfg.rollout.prompts_per_step
-    kept: list[SampleGroup] = []
-    set_aside: list[SampleGroup] = []
-    taken = 0
-    for round_ in range(a.max_sampling_rounds if a.dynamic_sampling else 1):
-        prompts = loader.next_batch(want - len(kept))
-        taken += len(prompts)
-        with timed(m, "generate"):
-            new = generate_groups(topo.generators, prompts, seed=cfg.seed * 1_000_003 + step * 10_007 + round_ * 101,
-                                  restart=topo.restart_generator)
-        with timed(m, "reward"):
-            for key, value in scorer.score(new).items():  # failure counts add up over rounds; means are the last
-                m[key] = m.get(key, 0.0) + value if key.endswith("failures") or "/failures/" in key else value
-            m.update(shape_rewards([s for g in new for s in g.samples], a, cfg.rollout.max_new_tokens))
-        if not a.dynamic_sampling:
-            kept = new
-            break
-        rewards = torch.tensor([s.reward for g in new for s in g.samples])
-        for g, signal in zip(new, groups_with_signal(rewards, cfg.rollout.samples_per_prompt).tolist()):
-            (kept if signal else set_aside).append(g)
-        if len(kept) == want:
-            break
-    filled = want - len(kept)
-    kept += set_aside[:filled]
-    m.update({"data/prompts_taken": float(taken), "data/prompts_trained": float(len(kept)),
-              "data/prompts_filtered": float(taken - len(kept)), "data/prompts_dropped": 0.0,
-              "data/filled_without_signal": float(filled)})
-    return kept
-
-
 def rollout_metrics(samples: list[Sample], batch: TrainBatch, generate_s: float) -> dict[str, float]:
     rewards = torch.tensor([s.reward for s in samples])
     lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32)
@@ -252,11 +233,12 @@ def rollout_metrics(samples: list[Sample], batch: TrainBatch, generate_s: float)
         "rollout/tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
         "rollout/policy_version": float(min(s.policy_version for s in samples)),
     }
-    if batch.old_logprobs is not None:  # else the trainer measured both in its forward (cfg.single_update)
+    fresh = mask * batch.on_policy_rows()[:, None]
+    if batch.old_logprobs is not None and fresh.sum() > 0:  # else the trainer measured it (cfg.single_update)
         # The trainer's and the generator's log-probs of the same tokens from the same weights.
-        m["sync/logprob_gap"] = masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask).item()
-        if batch.ref_logprobs is not None:
-            m["kl/ref"] = masked_mean(KL_ESTIMATORS["k3"](batch.old_logprobs, batch.ref_logprobs), mask).item()
+        m["sync/logprob_gap"] = masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), fresh).item()
+    if batch.old_logprobs is not None and batch.ref_logprobs is not None:
+        m["kl/ref"] = masked_mean(KL_ESTIMATORS["k3"](batch.old_logprobs, batch.ref_logprobs), mask).item()
     return m
 
 

@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -41,10 +42,15 @@ class Topology:
     device: str
     run_id: str
     generator_restarts: int = 0
+    sync_lock: threading.RLock = field(default_factory=threading.RLock)  # pushes and generator replacements
 
     def restart_generator(self, i: int, push: bool = True) -> None:
         """Replace dead generator i: a new engine joins a new weight-sync group and (with `push`) gets
         the current weights, so what it generates next is stamped with the version the others serve."""
+        with self.sync_lock:
+            self._restart_generator(i, push)
+
+    def _restart_generator(self, i: int, push: bool) -> None:
         self.generator_restarts += 1
         if self.generator_restarts > self.cfg.rollout.max_restarts:
             raise RuntimeError(f"generator-{i} died; {self.generator_restarts - 1} generator restarts already "
@@ -137,7 +143,7 @@ def _build(cfg: RunConfig, device: str, run_id: str, created: list[Any]) -> Topo
     backend = cfg.weight_sync.backend if cfg.weight_sync.backend != "auto" else ("nccl" if gpu else "gloo")
     weight_sync = WeightSyncService(ranks, generators, cfg.weight_sync, backend)
     weight_sync.connect()
-    buffer = ReplayBuffer(capacity_groups=2 * cfg.rollout.prompts_per_step)
+    buffer = ReplayBuffer(capacity_groups=cfg.buffer_capacity)
     return Topology(generators, trainer, critic, reference, reward_model, weight_sync, buffer, cfg, device, run_id)
 
 

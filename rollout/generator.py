@@ -22,23 +22,35 @@ def generator_env(cfg: RunConfig, device: str) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gb)  # else vLLM asks for ~92% of a node
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in the actor's process: starts ~2x faster
         if cfg.rollout.threads:  # else Ray sets OMP_NUM_THREADS to the actor's CPUs
             env["OMP_NUM_THREADS"] = str(cfg.rollout.threads)
+        if cfg.resources.generator_cores:  # vLLM binds its OMP threads to these cores, not to a whole NUMA node
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cfg.resources.generator_cores))
     return env
 
 
 @ray.remote
 class Generator:
-    def __init__(self, index: int, cfg: RunConfig, device: str):
-        import torch
-        from vllm import LLM
+    """An async Ray actor around vLLM's AsyncLLM: every call is a coroutine, so groups submitted one
+    by one (`generate_group`) share the engine's batches and each returns as soon as it is done.
 
-        if device == "cpu" and cfg.rollout.threads:
-            torch.set_num_threads(cfg.rollout.threads)
+    Weight updates and requests in flight (`rollout.inflight_on_update`): new requests wait at a
+    gate while an update runs; with "abort" the running ones are aborted and run again on the new
+    weights, with "finish" they complete on the old ones first. Either way every sample comes from
+    exactly one policy version, the one it is stamped with."""
+
+    def __init__(self, index: int, cfg: RunConfig, device: str):
+        import asyncio
+        import os
+
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if device == "cpu" and cfg.resources.generator_cores:
+            os.sched_setaffinity(0, cfg.resources.generator_cores)  # the engine-core process inherits it
         self.index = index
         self.cfg = cfg
-        self.llm = LLM(
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=cfg.model.path,
             dtype=cfg.model.dtype,
             seed=cfg.seed + index,
@@ -50,57 +62,109 @@ class Generator:
             # Log-probs after temperature scaling, i.e. of the distribution the tokens were drawn
             # from; the trainer divides its logits by the same temperature.
             logprobs_mode="processed_logprobs",
-        )
+            disable_log_stats=True,
+        ))
         self.version = 0
+        self._open = asyncio.Event()  # cleared while a weight update runs
+        self._open.set()
+        self._idle = asyncio.Event()  # set while no request is in flight
+        self._idle.set()
+        self._inflight: set[str] = set()
+        self.resubmitted = 0  # requests aborted by a weight update and run again
+        self._delay_s = 0.0
 
-    def generate(self, prompts: list[Prompt], seed: int, greedy: bool = False) -> list[SampleGroup]:
-        """samples_per_prompt samples of each prompt; with `greedy`, one argmax completion each."""
+    async def _complete(self, ids: list[int], params) -> tuple:
+        """Run one request to its end on one policy version: (the final RequestOutput, that version)."""
+        import uuid
+
+        while True:
+            await self._open.wait()
+            version, request_id = self.version, uuid.uuid4().hex
+            self._inflight.add(request_id)
+            self._idle.clear()
+            try:
+                final = None
+                async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id):
+                    final = out  # FINAL_ONLY: the one output, at the request's end
+            finally:
+                self._inflight.discard(request_id)
+                if not self._inflight:
+                    self._idle.set()
+            if final is not None and not any(c.finish_reason == "abort" for c in final.outputs):
+                return final, version
+            self.resubmitted += 1
+
+    def _params(self, prompt: Prompt, seed: int, greedy: bool):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         r = self.cfg.rollout
         if greedy:
-            params = [SamplingParams(n=1, temperature=0.0, max_tokens=r.max_new_tokens, logprobs=0)] * len(prompts)
-        else:
-            params = [SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
-                                     top_k=r.top_k, max_tokens=r.max_new_tokens, logprobs=0, seed=seed + p.index)
-                      for p in prompts]
-        outputs = self.llm.generate([{"prompt_token_ids": p.ids} for p in prompts], params, use_tqdm=False)
-        groups = []
-        for prompt, out in zip(prompts, outputs, strict=True):
-            samples = []
-            for c in out.outputs:
-                ids = list(c.token_ids)
-                logprobs = [step[tok].logprob for tok, step in zip(ids, c.logprobs, strict=True)]
-                samples.append(Sample(prompt=prompt, completion_ids=ids, rollout_logprobs=logprobs, text=c.text,
-                                      truncated=c.finish_reason == "length", policy_version=self.version,
-                                      generator=self.index))
-            groups.append(SampleGroup(prompt=prompt, samples=samples))
-        return groups
+            return SamplingParams(n=1, temperature=0.0, max_tokens=r.max_new_tokens, logprobs=0,
+                                  output_kind=RequestOutputKind.FINAL_ONLY)
+        return SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_tokens=r.max_new_tokens, logprobs=0, seed=seed + prompt.index,
+                              output_kind=RequestOutputKind.FINAL_ONLY)
+
+    async def generate_group(self, prompt: Prompt, seed: int, greedy: bool = False) -> SampleGroup:
+        """samples_per_prompt samples of one prompt (with `greedy`, one argmax completion), seeded by
+        seed + prompt.index so that the group does not depend on what else the engine is running."""
+        import asyncio
+
+        out, version = await self._complete(prompt.ids, self._params(prompt, seed, greedy))
+        if self._delay_s:
+            await asyncio.sleep(self._delay_s)
+        samples = []
+        for c in out.outputs:
+            ids = list(c.token_ids)
+            logprobs = [step[tok].logprob for tok, step in zip(ids, c.logprobs, strict=True)]
+            samples.append(Sample(prompt=prompt, completion_ids=ids, rollout_logprobs=logprobs, text=c.text,
+                                  truncated=c.finish_reason == "length", policy_version=version,
+                                  generator=self.index))
+        return SampleGroup(prompt=prompt, samples=samples)
+
+    async def generate(self, prompts: list[Prompt], seed: int, greedy: bool = False) -> list[SampleGroup]:
+        """generate_group for every prompt, run together; groups in prompt order."""
+        import asyncio
+
+        return list(await asyncio.gather(*(self.generate_group(p, seed, greedy) for p in prompts)))
 
     def serving_version(self) -> int:
         return self.version
 
+    def slow_down(self, delay_s: float) -> None:
+        """For tests: every group returns delay_s seconds late (a slow or overloaded engine)."""
+        self._delay_s = delay_s
+
     def num_workers(self) -> int:
-        return self.llm.llm_engine.vllm_config.parallel_config.world_size
+        return self.engine.vllm_config.parallel_config.world_size
 
-    def init_weight_sync(self, endpoint, world_size: int, rank_offset: int, params: list, bucket_bytes: int) -> None:
-        self.llm.collective_rpc("init_weight_sync", args=(endpoint.host, endpoint.port, world_size, rank_offset,
-                                                          endpoint.backend, self.cfg.weight_sync.timeout_s, params,
-                                                          bucket_bytes))
+    async def init_weight_sync(self, endpoint, world_size: int, rank_offset: int, params: list,
+                               bucket_bytes: int) -> None:
+        await self.engine.collective_rpc("init_weight_sync", args=(
+            endpoint.host, endpoint.port, world_size, rank_offset, endpoint.backend, self.cfg.weight_sync.timeout_s,
+            params, bucket_bytes))
 
-    def receive_weights(self, version: int, verify: bool) -> list[tuple[int, list[int] | None]]:
+    async def receive_weights(self, version: int, verify: bool) -> list[tuple[int, list[int] | None]]:
         """Every worker's (served version, per-tensor checksums or None); the service checks them."""
-        reports = self.llm.collective_rpc("receive_weights", args=(version, verify))
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-        self.version = min(v for v, _ in reports)
+        self._open.clear()
+        try:
+            if self._inflight and self.cfg.rollout.inflight_on_update == "abort":
+                await self.engine.abort(list(self._inflight))
+            await self._idle.wait()  # bounded by the service's deadline on this call
+            reports = await self.engine.collective_rpc("receive_weights", args=(version, verify))
+            await self.engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            self.version = min(v for v, _ in reports)
+        finally:
+            self._open.set()
         return reports
 
-    def corrupt_next_receive(self, name: str) -> None:
+    async def corrupt_next_receive(self, name: str) -> None:
         """For tests: every worker alters tensor `name` of the next push after receiving it."""
-        self.llm.collective_rpc("corrupt_next_receive", args=(name,))
+        await self.engine.collective_rpc("corrupt_next_receive", args=(name,))
 
-    def close_weight_sync(self) -> None:
-        self.llm.collective_rpc("close_weight_sync")
+    async def close_weight_sync(self) -> None:
+        await self.engine.collective_rpc("close_weight_sync")
 
 
 def generate_groups(generators: list, prompts: list[Prompt], seed: int, greedy: bool = False,

@@ -132,3 +132,17 @@ def test_registry_rejects_duplicates_and_names_unknowns():
         reg.register("a")(lambda: 2)
     with pytest.raises(KeyError, match=r"unknown thing 'b'; known: \['a'\]"):
         reg["b"]
+
+
+def test_truncated_is_weights_by_hand():
+    from rlhf.algorithms import truncated_is_weights
+
+    old = torch.tensor([[math.log(0.5), math.log(0.9), math.log(0.2)]])
+    rollout = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.4)]])
+    # ratios pi_old / pi_rollout: 1, 3, 0.5; the 3 is capped at 2
+    torch.testing.assert_close(truncated_is_weights(old, rollout, 2.0), torch.tensor([[1.0, 2.0, 0.5]]))
+    torch.testing.assert_close(truncated_is_weights(old, rollout, 0.0), torch.ones(1, 3))  # off
+    with pytest.raises(ValueError, match="cap must be 0"):
+        truncated_is_weights(old, rollout, 0.5)
+    w = truncated_is_weights(old.requires_grad_(), rollout, 2.0)
+    assert not w.requires_grad  # a weight, not a path for gradients

@@ -54,3 +54,18 @@ def test_bad_data_config_names_the_key(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(ConfigError, match=r"data.path: .*x.txt has suffix '.txt'"):
         load_prompt_dataset(DataConfig(path=str(tmp_path / "x.txt")))
+
+
+def test_pending_prompts_in_a_checkpoint_come_out_first_on_resume(tokenizer):
+    """Async rollouts in flight at a checkpoint were handed out but never trained: the state keeps
+    them and a resumed loader hands them out again before going on where it stopped."""
+    cfg = DataConfig(path=str(TASK / "prompts.jsonl"))
+    ds = load_prompt_dataset(cfg)
+    loader = PromptLoader(ds, tokenizer, cfg, seed=0)
+    batch = loader.next_batch(4)  # rows 0..3; 2 and 3 are still generating at the checkpoint
+    state = json.loads(json.dumps(loader.state_dict(pending=batch[2:])))
+    resumed = PromptLoader(ds, tokenizer, cfg, seed=0)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["pending"] == [2, 3]  # a checkpoint taken before they come out keeps them
+    assert [p.index for p in resumed.next_batch(3)] == [2, 3, 4]
+    assert resumed.state_dict()["pending"] == [] and resumed.handed_out == 3

@@ -157,12 +157,14 @@ def test_grpo_run_end_to_end_raises_the_reward_with_a_user_reward_file(ray_clust
     assert (run_dir / "config.yaml").exists() and (run_dir / "summary.json").exists()
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run in the run directory"
 
-    # The user's function scored every sample of every step.
+    # The user's function scored every sample of every step, once. Groups are scored as they finish,
+    # so a call holds whole groups and a step's samples may arrive over several calls.
     calls = [json.loads(line) for line in (user_dir / "calls.jsonl").read_text().splitlines()]
-    assert len(calls) == cfg.steps
-    for call, row in zip(calls, rows):
-        assert len(call) == cfg.rollout_batch_size
-        assert sum(call) / len(call) == pytest.approx(row["reward/mean"], abs=1e-6)
+    assert all(len(call) % cfg.rollout.samples_per_prompt == 0 for call in calls)
+    scored, per_step = [v for call in calls for v in call], cfg.rollout_batch_size
+    assert len(scored) == cfg.steps * per_step
+    for k, row in enumerate(rows):
+        assert sum(scored[k * per_step:(k + 1) * per_step]) / per_step == pytest.approx(row["reward/mean"], abs=1e-6)
         assert row["reward/digits_only/mean"] == pytest.approx(row["reward/mean"], abs=1e-6)
 
     # Invariants of every step: first update ratio 1 / KL 0, generator and trainer agree.

@@ -66,7 +66,8 @@ def _alive_pid(name_prefix: str, role: str) -> int:
 
 def test_generators_and_the_reward_model_killed_by_pid_mid_run(ray_cluster, tiny_model, tmp_path):
     """Three SIGKILLs in a 10-step run with 2 generators and a reward model:
-    - generator-1 while step 3's rewards are computed, so step 3's weight push finds it dead;
+    - generator-1 as step 3's first groups are scored (while it generates the rest of its share,
+      or, if it is done, step 3's weight push finds it dead);
     - generator-0 as soon as step 6 is logged, i.e. around step 7's generation;
     - the reward model while step 8's rewards are computed (Ray restarts it and retries the call).
     The run must complete with every step's prompts exactly those the loader handed out, every
@@ -89,13 +90,21 @@ def test_generators_and_the_reward_model_killed_by_pid_mid_run(ray_cluster, tiny
         os.kill(killed[role], signal.SIGKILL)
 
     def killer(prompts, completions, **kwargs):
+        before = scored_groups(calls)
         calls.append(list(prompts))
         rm_pids.add(_alive_pid(cfg.name + "-", "reward-model"))
-        if len(calls) == 3:
+        if crossed(before, calls, 2):  # the first groups of step 3 are being scored
             kill("generator-1")
-        if len(calls) == 8:
+        if crossed(before, calls, 7):
             kill("reward-model")
         return [0.0] * len(completions)
+
+    def scored_groups(calls: list[list[str]]) -> int:
+        return sum(len(c) for c in calls) // cfg.rollout.samples_per_prompt
+
+    def crossed(before: int, calls: list[list[str]], steps_done: int) -> bool:
+        """This call scores the first groups after steps_done steps' worth."""
+        return before <= steps_done * cfg.rollout.prompts_per_step < scored_groups(calls)
 
     def kill_generator_0_after_step_6() -> None:
         deadline = time.monotonic() + 600
@@ -115,13 +124,17 @@ def test_generators_and_the_reward_model_killed_by_pid_mid_run(ray_cluster, tiny
     assert summary["generator_restarts"] == 2
     assert len(rm_pids) == 2, "the reward model was not restarted under a new process"
 
-    # Nothing lost, nothing twice: each step scored exactly the loader's next prompts, n samples each.
+    # Nothing lost, nothing twice: each step scored exactly the loader's next prompts, n samples each
+    # (groups are scored as they finish, so in any order within the step and over several calls).
     tok, loader = _loader(cfg)
-    n = cfg.rollout.samples_per_prompt
-    assert len(calls) == cfg.steps
+    n, per_step = cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step
     for call in calls:
-        want = [p.text for p in loader.next_batch(cfg.rollout.prompts_per_step)]
-        assert call == [t for t in want for _ in range(n)]
+        assert call == [t for t in call[::n] for _ in range(n)], "a call split a group"
+    scored = [t for call in calls for t in call[::n]]
+    assert len(scored) == cfg.steps * per_step
+    for k in range(cfg.steps):
+        want = [p.text for p in loader.next_batch(per_step)]
+        assert sorted(scored[k * per_step:(k + 1) * per_step]) == sorted(want), f"step {k + 1}"
 
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, cfg.steps + 1))
@@ -144,11 +157,12 @@ def test_a_dead_trainer_ends_the_run_naming_it_and_resume_auto_continues(ray_clu
 
     overrides = tiny_overrides(tiny_model, tmp_path, **{"name": "tf", "steps": 4, "checkpoint.every": 2})
     cfg = load_config(REPO / "configs" / "grpo_tiny.yaml", overrides)
-    calls = []
+    scored = []
 
     def kill_trainer_at_step_3(prompts, completions, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
+        before = sum(scored)
+        scored.append(len(completions) // cfg.rollout.samples_per_prompt)
+        if before <= 2 * cfg.rollout.prompts_per_step < sum(scored):  # step 3's first groups
             os.kill(_alive_pid("tf-", "trainer-rank-0"), signal.SIGKILL)
         return [0.0] * len(completions)
 

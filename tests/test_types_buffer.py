@@ -1,9 +1,10 @@
 import math
+import threading
 
 import pytest
 import torch
 
-from rlhf.buffer import ReplayBuffer
+from rlhf.buffer import BufferClosed, ReplayBuffer
 from rlhf.types import Prompt, Sample, SampleGroup, collate
 
 
@@ -31,19 +32,68 @@ def test_select_trims_padding_and_chunks_cover_the_batch():
     assert sum(p.size for p in parts) == batch.size
 
 
-def test_buffer_is_fifo_and_refuses_overflow_and_unscored():
+def group(index, version=0, reward=1.0):
+    s = sample([1], [2], reward, index)
+    s.policy_version = version
+    return SampleGroup(s.prompt, [s])
+
+
+def test_buffer_takes_oldest_version_first_and_drops_stale_groups_counted():
+    buf = ReplayBuffer(capacity_groups=4)
+    for _ in range(4):
+        assert buf.reserve(timeout=0)
+    for index, version in ((1, 2), (2, 1), (3, 0), (4, 2)):
+        buf.put(group(index, version))
+    taken, dropped = buf.take(2, min_version=1)
+    assert [g.prompt.index for g in taken] == [2, 1]  # version 1, then version 2 in arrival order
+    assert [g.prompt.index for g in dropped] == [3]  # version 0 < min_version
+    assert buf.reserved == 1 and len(buf) == 1 and buf.total_dropped == 1 and buf.total_taken == 2
+
+
+def test_full_buffer_blocks_the_producer_instead_of_dropping():
     buf = ReplayBuffer(capacity_groups=2)
-    g1, g2 = (SampleGroup(sample([1], [2], 1.0, i).prompt, [sample([1], [2], 1.0, i)]) for i in (1, 2))
-    buf.put([g1, g2])
-    with pytest.raises(OverflowError, match="replay buffer full"):
-        buf.put([g1])
-    assert [g.prompt.index for g in buf.take(2)] == [1, 2]
-    with pytest.raises(LookupError, match="asked for 1 groups, the buffer holds 0"):
-        buf.take(1)
-    unscored = SampleGroup(sample([1], [2]).prompt, [sample([1], [2])])
+    assert buf.reserve(timeout=0) and buf.reserve(timeout=0)
+    buf.put(group(1))
+    buf.put(group(2))
+    got = []
+    producer = threading.Thread(target=lambda: got.append(buf.reserve(timeout=10)))
+    producer.start()
+    producer.join(timeout=0.3)
+    assert producer.is_alive() and got == []  # blocked: no slot
+    assert not buf.reserve(timeout=0.05)  # and a bounded wait says so
+    buf.wait_ready(1)
+    taken, dropped = buf.take(1)
+    producer.join(timeout=5)
+    assert got == [True] and [g.prompt.index for g in taken] == [1] and dropped == []
+    assert len(buf) == 1 and buf.reserved == 2 and buf.total_dropped == 0 and buf.blocked_s > 0.2
+
+
+def test_buffer_refuses_unreserved_and_unscored_groups_and_wakes_a_waiting_taker_on_close():
+    buf = ReplayBuffer(capacity_groups=2)
+    with pytest.raises(RuntimeError, match="without a reserved slot"):
+        buf.put(group(1))
+    buf.reserve()
     with pytest.raises(ValueError, match="unscored sample"):
-        buf.put([unscored])
-    assert buf.total_put == 2 and buf.total_taken == 2
+        buf.put(group(1, reward=math.nan))
+    with pytest.raises(TimeoutError, match="0 ready, 1 in flight"):
+        buf.wait_ready(1, timeout=0.05)
+    with pytest.raises(LookupError, match="asked for 1 groups of version >= 0, 0 are ready"):
+        buf.take(1)
+    with pytest.raises(ValueError, match="more than the capacity"):
+        buf.wait_ready(3)
+    errors = []
+
+    def taker():
+        try:
+            buf.wait_ready(1)
+        except BufferClosed as e:
+            errors.append(e)
+
+    t = threading.Thread(target=taker)
+    t.start()
+    buf.close(RuntimeError("generator exploded"))
+    t.join(timeout=5)
+    assert not t.is_alive() and "generator exploded" in str(errors[0])
 
 
 def test_minibatch_shards_cover_every_sample_once_per_epoch_with_global_denominators():

@@ -90,12 +90,13 @@ def tensor_checksums(bucket: Bucket, flat: torch.Tensor) -> list[int]:
     The tensor's bytes are read as integers (no float rounding, so sender and receiver agree bit
     for bit) and summed twice: plainly, and weighted by position, so that a flipped bit and two
     swapped elements both change it. Cost: a pass over the bucket, far below the transfer itself.
+    Reduced modulo the prime 2**61 - 1 so that it fits the int64 that vLLM's msgpack RPC carries.
     """
     out = []
     for meta, offset in zip(bucket.params, bucket.offsets):
         words = _as_words(flat[offset : offset + meta.numel])
         weights = torch.arange(1, words.numel() + 1, dtype=torch.int64, device=words.device) % 65521
-        out.append(int(words.sum()) * 1_000_003 + int((words * weights).sum()))
+        out.append((int(words.sum()) * 1_000_003 + int((words * weights).sum())) % (2**61 - 1))
     return out
 
 

@@ -18,6 +18,7 @@ from rlhf.algorithms.losses import (
     PolicyLossOutput,
     aggregate,
     loss_denominator,
+    truncated_is_weights,
 )
 from rlhf.algorithms.value import explained_variance, value_loss
 
@@ -25,5 +26,6 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "POLICY_LOSSES", "EstimatorInputs",
     "PolicyLossOutput", "aggregate", "discounted_sum", "entropy_from_logits", "gae_returns", "grouped_rewards",
     "groups_with_signal", "kl_penalty_rewards", "loss_denominator", "masked_mean", "overlong_penalty",
-    "token_level_rewards", "token_logprobs", "value_loss", "explained_variance", "whiten_over_mask",
+    "token_level_rewards", "token_logprobs", "truncated_is_weights", "value_loss", "explained_variance",
+    "whiten_over_mask",
 ]

@@ -58,6 +58,22 @@ def ppo_dual_clip(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     return ppo_clip(logp, old_logp, advantages, clip_low, clip_high, dual_clip=dual_clip)
 
 
+def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-token importance weights min(pi_old / pi_rollout, cap), without gradient.
+
+    The samples were drawn by the rollout policy (the generator's weights, possibly some versions
+    behind); the PPO ratio is taken against pi_old, the trainer's policy before this batch's
+    updates. Weighting each token's loss by pi_old / pi_rollout makes the gradient that of samples
+    drawn from pi_old; truncating at `cap` bounds its variance (truncated IS, as in Espeholt et al.
+    2018 and Yao et al. 2025). cap == 0 turns the correction off (all weights 1).
+    """
+    if cap == 0:
+        return torch.ones_like(old_logp)
+    if cap < 1:
+        raise ValueError(f"the truncated-IS cap must be 0 (off) or >= 1, got {cap}")
+    return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
+
+
 # Aggregation: loss = numerator(values, mask) / denominator(mask of the whole mini-batch).
 # The numerator is a sum over samples, so a mini-batch split into micro-batches and data-parallel
 # shards gives the same loss as the whole batch when every shard divides by the *global*
