@@ -20,12 +20,21 @@ from weight_sync.group import free_port
 
 def deepspeed_config(cfg: RunConfig, device: str, lr: float) -> dict:
     t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    host = {"device": "cpu", "pin_memory": device == "cuda"}  # on CPU the "host" is where the tensors already are
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = host
+    if t.offload_params:
+        zero["offload_param"] = host
     return {
         "train_batch_size": t.mini_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero,
+        # Offload steps the optimizer on the host: DeepSpeed's CPU Adam on GPU machines; on CPU torch's
+        # AdamW (below), which DeepSpeed refuses with offload unless told it is meant.
+        "zero_force_ds_cpu_optimizer": device != "cpu",
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
         "optimizer": {
             "type": "AdamW",
@@ -80,6 +89,9 @@ class DeepSpeedRank:
         torch.manual_seed(self.cfg.seed)
         deepspeed.init_distributed(dist_backend=self.backend, auto_mpi_discovery=False)
         model = build_model()
+        if self.cfg.train.gradient_checkpointing:
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(self.cfg, self.device.type, lr),
                                                lr_scheduler=lr_schedule(self.cfg))

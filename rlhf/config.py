@@ -55,6 +55,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     num_generators: int = 1  # vLLM engines, each its own Ray actor
+    tensor_parallel_size: int = 1  # workers per engine (GPUs on GPU; core groups on CPU), all in the sync group
     prompts_per_step: int = 8
     samples_per_prompt: int = 4
     max_new_tokens: int = 32
@@ -171,11 +172,18 @@ class TrainConfig:
     mini_batch_size: int = 32
     micro_batch_size: int = 8
     threads: int = 0  # torch intra-op threads per rank; 0 = the Ray CPUs of the actor
+    # Memory (policy and critic alike): ZeRO-Offload of the optimizer states and step (zero_stage >= 1),
+    # of the parameters between uses (zero_stage 3); activation checkpointing recomputes each layer's
+    # activations in the backward pass instead of keeping them (less memory, ~30 % more compute).
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
 class WeightSyncConfig:
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    # auto: ipc when colocated (CUDA IPC on GPU, shared memory on CPU), else nccl on GPU, gloo on CPU
+    backend: Literal["auto", "gloo", "nccl", "ipc"] = "auto"
     bucket_mb: float = 64.0
     timeout_s: float = 120.0  # bounds every RPC and collective of a sync; a late generator is named
     verify: bool = False  # compare per-tensor checksums of sender and receivers after every push
@@ -198,6 +206,21 @@ class ResourcesConfig:
     # CPU only: pin generators / trainer ranks to these core ids (as disjoint GPUs would be); () = no pinning
     generator_cores: tuple[int, ...] = ()
     trainer_cores: tuple[int, ...] = ()
+    # Placement: every role is a Ray placement group, one bundle per actor (rlhf/plan.py). A *_node names
+    # a custom resource that only the chosen nodes advertise (`ray start --resources '{"rollout": 1}'`).
+    generator_strategy: Literal["PACK", "SPREAD"] = "PACK"  # engines on as few nodes as fit, or one per node
+    trainer_strategy: Literal["PACK", "SPREAD"] = "PACK"  # trainer and critic ranks
+    generator_node: str = ""
+    trainer_node: str = ""
+    critic_node: str = ""
+    reference_node: str = ""
+    reward_model_node: str = ""
+    # Colocated: trainer rank i and generator i share a device (one bundle; fractional *_gpus on GPU).
+    # Weights then move by CUDA IPC (shared memory on CPU), and on GPU the generator sleeps (vLLM
+    # sleep mode: KV cache freed, weights offloaded) while the trainer trains. Sync mode only.
+    colocate: bool = False
+    gpu_memory_gb: float = 80.0  # per GPU, for the plan's memory check
+    node_memory_gb: float = 0.0  # per node, for the plan's check; 0 = what Ray reports (memory + object store)
 
 
 @dataclass(frozen=True)
@@ -300,6 +323,9 @@ class RunConfig:
         need(self.rollout.max_restarts >= 0, "rollout.max_restarts", "must be >= 0")
         need(self.rollout.threads >= 0 and self.train.threads >= 0, "rollout.threads/train.threads", "must be >= 0")
         need(self.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
+        need(self.rollout.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
+        need(self.resources.gpu_memory_gb > 0 and self.resources.node_memory_gb >= 0, "resources.gpu_memory_gb",
+             "gpu_memory_gb must be > 0 and node_memory_gb >= 0")
         need(self.rollout.buffer_groups == 0 or self.rollout.buffer_groups >= self.rollout.prompts_per_step,
              "rollout.buffer_groups", f"must be 0 (automatic) or >= rollout.prompts_per_step "
              f"({self.rollout.prompts_per_step}): a smaller buffer can never hold a batch")
@@ -326,6 +352,10 @@ class RunConfig:
         need(0 < self.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         need(self.train.ranks > 0, "train.ranks", "must be > 0")
         need(self.train.lr > 0, "train.lr", "must be > 0")
+        need(not self.train.offload_optimizer or self.train.zero_stage >= 1, "train.offload_optimizer",
+             "needs train.zero_stage >= 1 (ZeRO-Offload partitions the optimizer states)")
+        need(not self.train.offload_params or self.train.zero_stage == 3, "train.offload_params",
+             "needs train.zero_stage = 3 (only ZeRO-3 partitions the parameters)")
         need(self.train.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
         per_step = self.train.micro_batch_size * self.train.ranks
         need(self.train.mini_batch_size % per_step == 0, "train.mini_batch_size",

@@ -3,6 +3,10 @@
     topo = build_topology(cfg, device, run_id)   # generators, trainer, critic, reference, weight sync
     ...
     teardown(topo)
+
+Before any actor starts, the plan (rlhf/plan.py) estimates every actor's memory and refuses what
+cannot fit; then every role gets a Ray placement group, one bundle per actor (PACK or SPREAD, on the
+nodes that advertise the role's custom resource), and each actor is pinned to its bundle.
 """
 
 from __future__ import annotations
@@ -21,12 +25,63 @@ from actors.trainer import PolicyTrainer, TrainerGroup
 from reward.model import RewardModel
 from rlhf.buffer import ReplayBuffer
 from rlhf.config import RunConfig
+from rlhf.plan import ActorPlan, plan_run, strategy
 from rollout.generator import Generator, generator_env
 from weight_sync.service import WeightSyncService
 
 
 class ResourceError(RuntimeError):
     """The Ray cluster cannot host the actors the config asks for."""
+
+
+@dataclass
+class Placement:
+    """Each role's placement group (absent for a role whose actors ask for no resources) and bundles."""
+
+    groups: dict[str, Any]  # kind -> PlacementGroup
+    bundles: dict[str, list[dict[str, float]]]  # kind -> one bundle per actor
+
+    def options(self, kind: str, index: int) -> dict[str, Any]:
+        """Ray actor options that put actor `index` of role `kind` into its bundle."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if kind in self.groups:
+            return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self.groups[kind], placement_group_bundle_index=index)}
+        bundles = self.bundles.get(kind, [])
+        custom = {k: v for k, v in bundles[index].items() if k not in ("CPU", "GPU")} if index < len(bundles) else {}
+        return {"resources": custom} if custom else {}
+
+    def remove(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self.groups.values():
+            with contextlib.suppress(Exception):
+                remove_placement_group(pg)
+
+
+def reserve_placement(cfg: RunConfig, run_id: str, plans: list[ActorPlan], timeout_s: float = 60.0) -> Placement:
+    """A placement group per role, ready (its bundles reserved on the nodes) before any actor starts."""
+    from ray.util.placement_group import placement_group
+
+    bundles: dict[str, list[dict[str, float]]] = {}
+    for p in plans:
+        bundles.setdefault(p.kind, []).append(p.bundle)
+    placement = Placement({}, bundles)
+    try:
+        for kind, kind_bundles in bundles.items():
+            if all(kind_bundles):  # Ray refuses empty bundles; a role asking for nothing is placed freely
+                placement.groups[kind] = placement_group(kind_bundles, strategy=strategy(cfg, kind),
+                                                         name=f"{run_id}:{kind}")
+        for kind, pg in placement.groups.items():
+            ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+            if not ready:
+                raise ResourceError(f"the {kind} placement group {bundles[kind]} ({strategy(cfg, kind)}) could not "
+                                    f"be placed within {timeout_s:g} s: the cluster has no room for it")
+    except BaseException:
+        placement.remove()
+        raise
+    return placement
 
 
 @dataclass
@@ -43,6 +98,7 @@ class Topology:
     run_id: str
     generator_restarts: int = 0
     sync_lock: threading.RLock = field(default_factory=threading.RLock)  # pushes and generator replacements
+    placement: Placement | None = None
 
     def restart_generator(self, i: int, push: bool = True) -> None:
         """Replace dead generator i: a new engine joins a new weight-sync group and (with `push`) gets
@@ -59,7 +115,8 @@ class Topology:
               f"{self.cfg.rollout.max_restarts})", flush=True)
         with contextlib.suppress(Exception):
             ray.kill(self.generators[i], no_restart=True)
-        self.generators[i] = _start_generator(self.cfg, self.device, self.run_id, i)
+        self.generators[i] = _start_generator(self.cfg, self.device, self.run_id, i, self.placement)
+        wait_started([self.generators[i]], [f"generator-{i}"])
         self.weight_sync.reconnect()
         if push:
             self.weight_sync.push(self.weight_sync.version)
@@ -107,30 +164,33 @@ def check_resources(cfg: RunConfig, device: str) -> None:
 def build_topology(cfg: RunConfig, device: str, run_id: str) -> Topology:
     """Every actor of the run, named by role so the Ray dashboard shows who is who."""
     check_resources(cfg, device)
+    placement = reserve_placement(cfg, run_id, plan_run(cfg, device))  # the plan refuses what cannot fit
     created: list[Any] = []  # killed again if a later actor fails to start
     try:
-        return _build(cfg, device, run_id, created)
+        return _build(cfg, device, run_id, created, placement)
     except BaseException:
         for actor in created:
             ray.kill(actor)
+        placement.remove()
         raise
 
 
-def _build(cfg: RunConfig, device: str, run_id: str, created: list[Any]) -> Topology:
+def _build(cfg: RunConfig, device: str, run_id: str, created: list[Any], placement: Placement) -> Topology:
     r, gpu = cfg.resources, device == "cuda"
-    generators = [_start_generator(cfg, device, run_id, i) for i in range(cfg.rollout.num_generators)]
+    generators = [_start_generator(cfg, device, run_id, i, placement) for i in range(cfg.rollout.num_generators)]
     created += generators
-    ranks = _deepspeed_ranks(PolicyTrainer, "trainer-rank", cfg, device, run_id, r.trainer_cpus, r.trainer_gpus,
-                             created)
+    ranks = _deepspeed_ranks(PolicyTrainer, "trainer", cfg, device, run_id, r.trainer_cpus, r.trainer_gpus,
+                             created, placement)
     trainer = TrainerGroup(ranks, cfg)
     critic = None
     if cfg.uses_critic:
-        critic = CriticGroup(_deepspeed_ranks(CriticTrainer, "critic-rank", cfg, device, run_id, r.critic_cpus,
-                                              r.critic_gpus, created), cfg)
+        critic = CriticGroup(_deepspeed_ranks(CriticTrainer, "critic", cfg, device, run_id, r.critic_cpus,
+                                              r.critic_gpus, created, placement), cfg)
     reference = None
     if cfg.uses_reference:
         reference = Reference.options(name=f"{run_id}:reference", num_cpus=r.reference_cpus,
-                                      num_gpus=r.reference_gpus if gpu else 0).remote(cfg, device)
+                                      num_gpus=r.reference_gpus if gpu else 0,
+                                      **placement.options("reference", 0)).remote(cfg, device)
         created.append(reference)
     reward_model = None
     if cfg.reward.model.path:
@@ -138,20 +198,41 @@ def _build(cfg: RunConfig, device: str, run_id: str, created: list[Any]) -> Topo
         reward_model = RewardModel.options(name=f"{run_id}:reward-model", num_cpus=r.reward_model_cpus,
                                            num_gpus=r.reward_model_gpus if gpu else 0,
                                            max_restarts=cfg.reward.model.max_restarts,
-                                           max_task_retries=cfg.reward.model.max_restarts).remote(cfg, device)
+                                           max_task_retries=cfg.reward.model.max_restarts,
+                                           **placement.options("reward_model", 0)).remote(cfg, device)
         created.append(reward_model)
-    backend = cfg.weight_sync.backend if cfg.weight_sync.backend != "auto" else ("nccl" if gpu else "gloo")
+    wait_started(generators, [f"generator-{i}" for i in range(len(generators))])  # engines load meanwhile
+    backend = cfg.weight_sync.backend
+    if backend == "auto":
+        backend = "ipc" if r.colocate else "nccl" if gpu else "gloo"
     weight_sync = WeightSyncService(ranks, generators, cfg.weight_sync, backend)
     weight_sync.connect()
     buffer = ReplayBuffer(capacity_groups=cfg.buffer_capacity)
-    return Topology(generators, trainer, critic, reference, reward_model, weight_sync, buffer, cfg, device, run_id)
+    return Topology(generators, trainer, critic, reference, reward_model, weight_sync, buffer, cfg, device, run_id,
+                    placement=placement)
 
 
-def _start_generator(cfg: RunConfig, device: str, run_id: str, i: int) -> Any:
+def wait_started(actors: list[Any], names: list[str], timeout_s: float = 600.0) -> None:
+    """Block until the actors' constructors (vLLM engine start-up: 10-40 s on CPU) have run; a
+    constructor that failed raises here, naming the actor. Weight-sync deadlines start after this."""
+    refs = {a.__ray_ready__.remote(): name for a, name in zip(actors, names)}
+    done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        raise ResourceError(f"{', '.join(refs[r] for r in pending)} did not start within {timeout_s:g} s "
+                            f"(is the cluster short of the resources they ask for?)")
+    for ref in done:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError(f"{refs[ref]} failed to start: {e}") from e
+
+
+def _start_generator(cfg: RunConfig, device: str, run_id: str, i: int, placement: Placement | None) -> Any:
     r = cfg.resources
     options = dict(name=f"{run_id}:generator-{i}", num_cpus=r.generator_cpus,
-                   num_gpus=r.generator_gpus if device == "cuda" else 0,
-                   runtime_env={"env_vars": generator_env(cfg, device)})
+                   num_gpus=r.generator_gpus * cfg.rollout.tensor_parallel_size if device == "cuda" else 0,
+                   runtime_env={"env_vars": generator_env(cfg, device)},
+                   **(placement.options("generator", i) if placement else {}))
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -162,12 +243,13 @@ def _start_generator(cfg: RunConfig, device: str, run_id: str, i: int) -> Any:
             time.sleep(0.5)
 
 
-def _deepspeed_ranks(actor: Any, role: str, cfg: RunConfig, device: str, run_id: str, cpus: float, gpus: float,
-                     created: list[Any]) -> list[Any]:
+def _deepspeed_ranks(actor: Any, kind: str, cfg: RunConfig, device: str, run_id: str, cpus: float, gpus: float,
+                     created: list[Any], placement: Placement) -> list[Any]:
     """cfg.train.ranks actors of one DeepSpeed group, set up together around rank 0's rendezvous."""
     gpu = device == "cuda"
-    ranks = [actor.options(name=f"{run_id}:{role}-{i}", num_cpus=cpus, num_gpus=gpus if gpu else 0).remote(
-        cfg, i, cfg.train.ranks, device) for i in range(cfg.train.ranks)]
+    ranks = [actor.options(name=f"{run_id}:{kind}-rank-{i}", num_cpus=cpus, num_gpus=gpus if gpu else 0,
+                           **placement.options(kind, i)).remote(cfg, i, cfg.train.ranks, device)
+             for i in range(cfg.train.ranks)]
     created += ranks
     master_addr, master_port = ray.get(ranks[0].rendezvous_endpoint.remote())
     ray.get([rank.setup.remote(master_addr, master_port) for rank in ranks])
@@ -182,3 +264,5 @@ def teardown(topo: Topology, graceful: bool = True) -> None:
                   topo.reference, topo.reward_model]:
         if actor is not None:
             ray.kill(actor)
+    if topo.placement is not None:
+        topo.placement.remove()

@@ -25,8 +25,20 @@ def generator_env(cfg: RunConfig, device: str) -> dict[str, str]:
         if cfg.rollout.threads:  # else Ray sets OMP_NUM_THREADS to the actor's CPUs
             env["OMP_NUM_THREADS"] = str(cfg.rollout.threads)
         if cfg.resources.generator_cores:  # vLLM binds its OMP threads to these cores, not to a whole NUMA node
-            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cfg.resources.generator_cores))
+            env["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind(cfg.resources.generator_cores,
+                                                        cfg.rollout.tensor_parallel_size)
     return env
+
+
+def omp_bind(cores: tuple[int, ...] | list[int], tp: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `tp` CPU workers: the cores split into tp contiguous groups,
+    "0,1|2,3". vLLM's automatic binding gives each TP worker a NUMA node, which a laptop has one of."""
+    cores = sorted(cores)
+    if len(cores) < tp:
+        raise ValueError(f"rollout.tensor_parallel_size={tp} needs at least {tp} CPU cores, the generator has "
+                         f"{cores}")
+    bounds = [round(i * len(cores) / tp) for i in range(tp + 1)]
+    return "|".join(",".join(map(str, cores[bounds[i]:bounds[i + 1]])) for i in range(tp))
 
 
 @ray.remote
@@ -46,14 +58,21 @@ class Generator:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        tp = cfg.rollout.tensor_parallel_size
         if device == "cpu" and cfg.resources.generator_cores:
             os.sched_setaffinity(0, cfg.resources.generator_cores)  # the engine-core process inherits it
+        if device == "cpu" and tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind(sorted(os.sched_getaffinity(0)), tp)
         self.index = index
         self.cfg = cfg
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=cfg.model.path,
             dtype=cfg.model.dtype,
             seed=cfg.seed + index,
+            tensor_parallel_size=tp,
+            # TP workers as processes of this actor, on the devices Ray gave it. Inside a placement group
+            # vLLM would pick its Ray backend, which asks Ray for devices again (and is refused on CPU).
+            distributed_executor_backend="mp" if tp > 1 else None,
             max_model_len=cfg.rollout.max_model_len,
             enforce_eager=cfg.rollout.enforce_eager,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,

@@ -241,7 +241,7 @@ def test_ranks_and_accumulation_do_not_change_the_gradient(stack, tmp_path):
     steps, on real DeepSpeed engines: the same loss and the same (pre-clip) gradient norm. A wrong
     scaling by the accumulation steps or by the ranks would move them by that factor."""
     from actors.trainer import PolicyTrainer, TrainerGroup
-    from rlhf.topology import _deepspeed_ranks
+    from rlhf.topology import Placement, _deepspeed_ranks
 
     cfg, topo = stack
     tok, loader = _loader(cfg)
@@ -254,7 +254,8 @@ def test_ranks_and_accumulation_do_not_change_the_gradient(stack, tmp_path):
             "train.ranks": ranks, "train.micro_batch_size": micro, "train.threads": 1}))
         created: list = []
         try:
-            group = TrainerGroup(_deepspeed_ranks(PolicyTrainer, f"inv-{ranks}", c, "cpu", "inv", 0, 0, created), c)
+            group = TrainerGroup(_deepspeed_ranks(PolicyTrainer, f"inv-{ranks}", c, "cpu", "inv", 0, 0, created,
+                                                  Placement({}, {})), c)
             old = group.compute_logprobs(batch)
             results[(ranks, micro)] = group.train(batch.with_(old_logprobs=old, advantages=adv), step=1)
         finally:

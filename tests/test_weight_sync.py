@@ -9,7 +9,7 @@ import ray
 import torch
 
 from rlhf.config import load_config
-from rlhf.topology import build_topology
+from rlhf.topology import build_topology, teardown
 from rollout.generator import generate_groups as generate
 from tests.conftest import REPO, tiny_overrides
 from tests.test_e2e import _gap, _generate_batch, _loader, _train_once
@@ -106,8 +106,7 @@ def test_a_dead_or_hung_generator_fails_the_push_within_the_timeout_naming_it(ra
         topo.weight_sync.push(4)
         assert [ray.get(g.serving_version.remote()) for g in topo.generators] == [4, 4]
     finally:
-        for actor in [*topo.generators, *topo.trainer.ranks]:
-            ray.kill(actor)  # trainer rank 0 may still sit in the broadcast; no close() handshake
+        teardown(topo, graceful=False)  # trainer rank 0 may still sit in the broadcast; no close() handshake
 
 
 def test_checksums_agree_across_engines_and_versions_advance(stack):

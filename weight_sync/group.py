@@ -24,6 +24,7 @@ class SyncGroup:
     rank: int
     world_size: int
     device: torch.device
+    zero_copy_ok = True  # may the sender hand a parameter's own storage to broadcast()
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Pending:
         """Start broadcasting `tensor` from `src`; the caller may pack or load other data meanwhile."""
@@ -107,7 +108,11 @@ def open_group(backend: str, host: str, port: int, rank: int, world_size: int, t
         return GlooGroup(host, port, rank, world_size, timeout_s)
     if backend == "nccl":
         return NcclGroup(host, port, rank, world_size, timeout_s)
-    raise ValueError(f"unknown weight-sync backend {backend!r}; choose gloo or nccl")
+    if backend == "ipc":
+        from weight_sync.ipc import IpcGroup
+
+        return IpcGroup(host, port, rank, world_size, timeout_s)
+    raise ValueError(f"unknown weight-sync backend {backend!r}; choose gloo, nccl or ipc")
 
 
 def free_port(host: str) -> int:

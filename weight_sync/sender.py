@@ -71,7 +71,7 @@ class WeightSender:
         """A bucket of one tensor already laid out as it travels (an embedding larger than a bucket,
         say) is sent as it is: no copy. Not under ZeRO-3, whose gathered tensor is freed on leaving
         the gather while the broadcast may still be reading it."""
-        if len(params) != 1 or self.zero_stage == 3:
+        if len(params) != 1 or self.zero_stage == 3 or not self.group.zero_copy_ok:
             return None
         t = params[0].data
         ok = t.is_contiguous() and t.dtype == torch_dtype(bucket.dtype) and t.device == self.group.device

@@ -1,0 +1,260 @@
+"""The placement plan of a run, and its memory estimate, before anything starts.
+
+    python -m rlhf.train --config configs/grpo_tiny.yaml --dry-run
+
+Every role becomes Ray placement-group bundles (rlhf/topology.py builds them): generators (one
+bundle per engine; a tensor-parallel engine's workers share its bundle), trainer ranks, critic
+ranks, the reference and the reward model. Per actor the plan estimates memory from the model's
+shape (instantiated on the meta device, so nothing is loaded):
+
+    trainer / critic rank   parameters, gradients, Adam states (+ fp32 master weights under bf16), each
+                            divided over the ranks as the ZeRO stage partitions it, moved to host memory
+                            by train.offload_*; activations of one micro-batch at the longest sequence
+                            (Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) half-precision bytes per
+                            layer; with gradient checkpointing, only each layer's input plus one layer);
+                            the logits and their log-softmax and gradient (3 * b*s*V floats)
+    generator               weights / TP per worker; the KV cache (rollout.kv_cache_gb on CPU;
+                            gpu_memory_utilization of the GPU on GPU, which includes the weights);
+                            on CPU one receive buffer per weight bucket (a second copy of the weights)
+    reference, reward model weights and the logits of one micro-batch
+
+On CPU every process also pays for its Python, torch and vLLM runtime: RUNTIME_GIB, measured on
+this project's machine. The plan refuses, naming the role and the shortfall, an actor larger than a
+GPU (resources.gpu_memory_gb) or a node whose actors together exceed its memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf.config import RunConfig
+
+GIB = 2**30
+# Resident memory of an idle actor process on CPU (imports, allocator, engine bookkeeping), measured
+# with `ps` on this project's machine: a vLLM generator is three processes (the actor, vLLM's engine
+# core and its worker); a DeepSpeed rank one.
+RUNTIME_GIB = {"generator": 2.1, "trainer": 0.6, "critic": 0.6, "reference": 0.5, "reward_model": 0.5}
+
+
+class PlanError(RuntimeError):
+    """The run cannot fit: names the role (or node) and the shortfall."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    hidden: int
+    layers: int
+    heads: int
+    vocab: int
+
+    @staticmethod
+    def of(path: str, trust_remote_code: bool = False) -> ModelShape:
+        """From the HF config at `path`: the model is built on the meta device (no memory, no weights)."""
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        c = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(c, trust_remote_code=trust_remote_code)
+        params = sum(p.numel() for p in model.parameters())
+        return ModelShape(params, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.vocab_size)
+
+
+@dataclass
+class ActorPlan:
+    role: str  # "generator-0", "trainer-rank-1", ...
+    kind: str  # generator | trainer | critic | reference | reward_model
+    bundle: dict[str, float]  # the Ray resources of its placement-group bundle
+    device_gib: dict[str, float] = field(default_factory=dict)  # on its GPU (on CPU: in host memory)
+    host_gib: dict[str, float] = field(default_factory=dict)  # offloaded parts, and the process itself
+    node: str = ""  # where the bundle would land in the current cluster ("" = not simulated)
+    params: int = 0  # parameters of the model it holds
+
+    @property
+    def device_total(self) -> float:
+        return sum(self.device_gib.values())
+
+    @property
+    def host_total(self) -> float:
+        return sum(self.host_gib.values())
+
+
+def trainer_memory(cfg: RunConfig, shape: ModelShape) -> tuple[dict[str, float], dict[str, float]]:
+    """(device, host) GiB of one policy (or critic) rank."""
+    t, bf16 = cfg.train, cfg.model.dtype == "bfloat16"
+    p, world, z = shape.params, t.ranks, t.zero_stage
+    width = 2 if bf16 else 4
+    parts = {
+        "parameters": width * p / (world if z == 3 else 1),
+        "gradients": width * p / (world if z >= 2 else 1),
+        "optimizer": (8 + (4 if bf16 else 0)) * p / (world if z >= 1 else 1),  # Adam m, v (+ fp32 master)
+        "activations": activation_bytes(cfg, shape, training=True),
+    }
+    device = {k: v / GIB for k, v in parts.items()}
+    host: dict[str, float] = {}
+    if t.offload_optimizer:
+        host["optimizer"] = device.pop("optimizer")
+    if t.offload_params:
+        host["parameters"] = device.pop("parameters")
+    return device, host
+
+
+def activation_bytes(cfg: RunConfig, shape: ModelShape, training: bool) -> float:
+    """One micro-batch at the longest sequence: the layers' activations (training) and the logits."""
+    b = cfg.train.micro_batch_size
+    s = min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, cfg.rollout.max_model_len)
+    h, layers, a, v = shape.hidden, shape.layers, shape.heads, shape.vocab
+    scale = 1.0 if cfg.model.dtype == "bfloat16" else 2.0  # the formula counts half-precision bytes
+    per_layer = s * b * h * (34 + 5 * a * s / h) * scale
+    logits = 3 * b * s * v * 4.0  # fp32 logits, their log-softmax, and its gradient
+    if not training:
+        return logits / 3 * 2
+    if cfg.train.gradient_checkpointing:  # each layer's input is kept; one layer is recomputed at a time
+        return layers * s * b * h * 2 * scale + per_layer + logits
+    return layers * per_layer + logits
+
+
+def generator_memory(cfg: RunConfig, shape: ModelShape, device: str) -> dict[str, float]:
+    r, tp = cfg.rollout, cfg.rollout.tensor_parallel_size
+    width = 2 if cfg.model.dtype == "bfloat16" else 4
+    weights = width * shape.params / GIB
+    if device == "cuda":  # vLLM sizes its whole footprint (weights + KV cache) as a fraction of the GPU
+        return {"weights + kv_cache (per GPU)": r.gpu_memory_utilization * cfg.resources.gpu_memory_gb}
+    return {"weights": weights, "kv_cache": float(r.kv_cache_gb) * tp, "weight_sync_buffers": weights}
+
+
+def build_plan(cfg: RunConfig, device: str, shape: ModelShape | None = None) -> list[ActorPlan]:
+    """Every actor of the run with its bundle and memory estimate."""
+    shape = shape or ModelShape.of(cfg.model.path, cfg.model.trust_remote_code)
+    r, gpu, plans = cfg.resources, device == "cuda", []
+    cpu_runtime = (lambda kind: {"runtime": RUNTIME_GIB[kind]}) if not gpu else (lambda kind: {})
+
+    def bundle(cpus: float, gpus: float, node: str) -> dict[str, float]:
+        b = {"CPU": cpus}
+        if gpu and gpus:
+            b["GPU"] = gpus
+        if node:
+            b[node] = 0.001  # a custom resource only the chosen node(s) advertise
+        return {k: v for k, v in b.items() if v}
+
+    gen_gpus = r.generator_gpus * cfg.rollout.tensor_parallel_size
+    for i in range(cfg.rollout.num_generators):
+        mem = generator_memory(cfg, shape, device)
+        plans.append(ActorPlan(f"generator-{i}", "generator", bundle(r.generator_cpus, gen_gpus, r.generator_node),
+                               mem if gpu else {}, mem if not gpu else {}, params=shape.params))
+    roles = [("trainer", "trainer-rank", r.trainer_cpus, r.trainer_gpus, r.trainer_node)]
+    if cfg.uses_critic:
+        roles.append(("critic", "critic-rank", r.critic_cpus, r.critic_gpus, r.critic_node))
+    for kind, name, cpus, gpus, node in roles:
+        for i in range(cfg.train.ranks):
+            dev, host = trainer_memory(cfg, shape)
+            if not gpu:
+                dev, host = {}, {**dev, **host}
+            plans.append(ActorPlan(f"{name}-{i}", kind, bundle(cpus, gpus, node), dev, host))
+    if cfg.uses_reference:
+        mem = {"weights": 4 * shape.params / GIB, "logits": activation_bytes(cfg, shape, training=False) / GIB}
+        plans.append(ActorPlan("reference", "reference", bundle(r.reference_cpus, r.reference_gpus, r.reference_node),
+                               mem if gpu else {}, mem if not gpu else {}))
+    if cfg.reward.model.path:
+        rm = ModelShape.of(cfg.reward.model.path, cfg.model.trust_remote_code)
+        mem = {"weights": 4 * rm.params / GIB}
+        plans.append(ActorPlan("reward-model", "reward_model",
+                               bundle(r.reward_model_cpus, r.reward_model_gpus, r.reward_model_node),
+                               mem if gpu else {}, mem if not gpu else {}))
+    for p in plans:
+        p.host_gib.update(cpu_runtime(p.kind))
+    return plans
+
+
+def strategy(cfg: RunConfig, kind: str) -> str:
+    r = cfg.resources
+    return r.generator_strategy if kind == "generator" else r.trainer_strategy if kind in ("trainer", "critic") \
+        else "PACK"
+
+
+def node_name(nodes: list[dict[str, Any]], i: int) -> str:
+    return f"{nodes[i].get('NodeManagerAddress', 'node')}#{i}"
+
+
+def place(plans: list[ActorPlan], nodes: list[dict[str, Any]], cfg: RunConfig) -> None:
+    """Simulate Ray's placement of the bundles on `nodes` (ray.nodes() entries): first fit, each role
+    PACKed next to its previous bundle or SPREAD to the next node. Fills ActorPlan.node; raises
+    PlanError naming a bundle that fits nowhere."""
+    free = [dict(n["Resources"]) for n in nodes]
+    last: dict[str, int] = {}
+    for p in plans:
+        order = list(range(len(free)))
+        if p.kind in last:
+            k = (last[p.kind] + (1 if strategy(cfg, p.kind) == "SPREAD" else 0)) % len(order)
+            order = order[k:] + order[:k]
+        fits = [i for i in order if all(free[i].get(key, 0.0) + 1e-9 >= v for key, v in p.bundle.items())]
+        if not fits:
+            need = ", ".join(f"{k} {v:g}" for k, v in p.bundle.items())
+            raise PlanError(f"{p.role}: no node has {need} free (the cluster has {len(nodes)} node(s); "
+                            f"the roles before it took the rest)")
+        for key, v in p.bundle.items():
+            free[fits[0]][key] -= v
+        p.node, last[p.kind] = node_name(nodes, fits[0]), fits[0]
+
+
+def check(plans: list[ActorPlan], nodes: list[dict[str, Any]], cfg: RunConfig, device: str) -> None:
+    """Refuse what cannot fit: an actor above its share of a GPU, or a node's actors above its memory."""
+    r = cfg.resources
+    if device == "cuda":
+        for p in plans:
+            gpus = p.bundle.get("GPU", 0.0)
+            if p.kind == "generator":  # vLLM's budget is a fraction of each GPU; the weights must fit in it
+                tp = cfg.rollout.tensor_parallel_size
+                need = (2 if cfg.model.dtype == "bfloat16" else 4) * p.params / GIB / tp
+                have = cfg.rollout.gpu_memory_utilization * r.gpu_memory_gb
+                what = (f"its weights ({need:.1f} GiB per GPU at tensor_parallel_size={tp}) in "
+                        f"rollout.gpu_memory_utilization x resources.gpu_memory_gb = {have:.1f} GiB")
+            else:
+                need, have = p.device_total, r.gpu_memory_gb * min(gpus, 1.0)
+                what = f"{need:.1f} GiB on its GPU ({breakdown(p.device_gib)}) but gets {have:.1f} GiB"
+            if need > have:
+                raise PlanError(f"{p.role} does not fit: {what}; short by {need - have:.1f} GiB")
+    for i, n in enumerate(nodes):
+        res = n.get("Resources", {})
+        total = r.node_memory_gb or (res.get("memory", 0.0) + res.get("object_store_memory", 0.0)) / GIB
+        here = [p for p in plans if p.node == node_name(nodes, i)]
+        need = sum(p.host_total for p in here)
+        if here and total and need > total:
+            worst = max(here, key=lambda p: p.host_total)
+            raise PlanError(f"node {node_name(nodes, i)} does not fit its actors: they need {need:.1f} GiB of host "
+                            f"memory, it has "
+                            f"{total:.1f} GiB: short by {need - total:.1f} GiB; the largest is {worst.role} "
+                            f"({worst.host_total:.1f} GiB: {breakdown(worst.host_gib)})")
+
+
+def breakdown(parts: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+
+
+def format_plan(plans: list[ActorPlan], device: str) -> str:
+    gpu = device == "cuda"
+    rows = [("actor", "bundle", "node", "GPU GiB" if gpu else "", "host GiB", "breakdown (GiB)")]
+    for p in plans:
+        parts = {**p.device_gib, **{f"host {k}": v for k, v in p.host_gib.items()}} if gpu else p.host_gib
+        rows.append((p.role, ", ".join(f"{k} {v:g}" for k, v in p.bundle.items()), p.node or "-",
+                     f"{p.device_total:.2f}" if gpu else "", f"{p.host_total:.2f}", breakdown(parts)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    total = sum(p.host_total for p in plans)
+    lines.append(f"total host memory {total:.2f} GiB" + (f", device {sum(p.device_total for p in plans):.2f} GiB"
+                                                          if device == "cuda" else ""))
+    return "\n".join(lines)
+
+
+def plan_run(cfg: RunConfig, device: str, nodes: list[dict[str, Any]] | None = None) -> list[ActorPlan]:
+    """The plan for `cfg` on the current Ray cluster (or `nodes`), checked: raises PlanError if it cannot fit."""
+    import ray
+
+    nodes = nodes if nodes is not None else [n for n in ray.nodes() if n.get("Alive", True)]
+    plans = build_plan(cfg, device)
+    place(plans, nodes, cfg)
+    check(plans, nodes, cfg, device)
+    return plans
+
