@@ -18,9 +18,19 @@ from rlhf.types import TrainBatch
 from weight_sync.group import free_port
 
 
-def deepspeed_config(cfg: RunConfig, device: str, lr: float) -> dict:
+def comm_bucket_elements(num_params: int) -> int:
+    """DeepSpeed's gradient-reduce / all-gather / prefetch bucket size, in elements: its default 5e8
+    (2 GB of fp32, allocated even for a 50M-parameter model, measured with bench/memory.py) capped at
+    the model's size, and at least 1e6 so that large models keep few, large transfers."""
+    return int(min(5e8, max(1e6, num_params)))
+
+
+def deepspeed_config(cfg: RunConfig, device: str, lr: float, num_params: int = 500_000_000) -> dict:
     t = cfg.train
-    zero: dict[str, Any] = {"stage": t.zero_stage}
+    bucket = comm_bucket_elements(num_params)
+    zero: dict[str, Any] = {"stage": t.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if t.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = bucket
     host = {"device": "cpu", "pin_memory": device == "cuda"}  # on CPU the "host" is where the tensors already are
     if t.offload_optimizer:
         zero["offload_optimizer"] = host
@@ -93,7 +103,8 @@ class DeepSpeedRank:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=deepspeed_config(self.cfg, self.device.type, lr),
+                                               config=deepspeed_config(self.cfg, self.device.type, lr,
+                                                                       sum(p.numel() for p in model.parameters())),
                                                lr_scheduler=lr_schedule(self.cfg))
 
     def _backward_step(self, loss: torch.Tensor) -> None:

@@ -34,6 +34,10 @@ def rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
 def overrides(model: Path, seq: int, micro: int, ckpt: bool, offload: bool) -> list[str]:
     return [f"model.path={model}", f"data.path={REPO / 'examples/charset/prompts.jsonl'}",
             f"reward.functions.0.fn={REPO / 'examples/charset/reward.py'}:charset_reward",
@@ -66,16 +70,20 @@ def one(args: argparse.Namespace) -> None:
         str(args.model), dtype=torch.float32), cfg.train.lr)
     engine = rank.engine
     engine.train()
+    marks = {"built": (rss_gib() - base, peak_gib() - base)}
     ids = torch.randint(0, engine.module.config.vocab_size, (args.micro, args.seq))
     logits = engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1]
     loss = -token_logprobs(logits, ids[:, 1:], 1.0).mean()
+    marks["forward"] = (rss_gib() - base, peak_gib() - base)
     engine.backward(loss)
+    marks["backward"] = (rss_gib() - base, peak_gib() - base)
     engine.step()
+    marks["step"] = (rss_gib() - base, peak_gib() - base)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    peak = peak_gib()
     device, host = trainer_memory(cfg, ModelShape.of(str(args.model)))
     print(json.dumps({"measured_gib": peak - base, "estimated_gib": sum(device.values()) + sum(host.values()),
-                      "estimate": {**device, **host}, "seconds": seconds}))
+                      "estimate": {**device, **host}, "seconds": seconds, "marks": marks}))
 
 
 def main() -> None:

@@ -7,11 +7,12 @@ Generated tokens/s of
   actor:           one rollout.generator.Generator actor (resources.generator_cpus CPUs), timed from this driver
                    around `ray.get(gen.generate.remote(batch, seed))`: what a run's driver pays per batch (Ray
                    submit, object transfer, the actor's conversion of outputs to SampleGroups) on top of vLLM;
-  engine in actor: the actor's own `self.llm.generate`, timed inside the actor (via __ray_call__, right after
-                   each actor batch): the engine's speed in the actor's process, without Ray or our conversion.
+  engine in actor: the actor's own AsyncLLM on the same batch, timed inside the actor (Generator.engine_only,
+                   right after each actor batch): the engine's speed in the actor, without Ray or our conversion.
 Fair by construction: both engines get the actor's engine args from one config (--config; model.* and rollout.*,
 seed + generator index 0, logprobs_mode="processed_logprobs", no worker extension), generator_env's variables
-(in-process engine core, same KV cache size) are set before vllm is imported, both get the same batches of
+(same KV cache size and threads) are set before vllm is imported; both run vLLM's engine core in a process of its
+own (the actor's AsyncLLM always does, and LLM does by default), both get the same batches of
 prompt token ids (tokenized once by the run's PromptLoader) and the same SamplingParams (temperature, n,
 max_tokens, logprobs=0, per-prompt seed = batch seed + prompt.index). The prefix cache is reset before every
 call, so repeated prompts (--repeats) are not cheaper on one side. Tokens are counted from each side's outputs
@@ -47,19 +48,6 @@ def sampling_params(r, prompts: list, seed: int) -> list:
 
     return [SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                            max_tokens=r.max_new_tokens, logprobs=0, seed=seed + p.index) for p in prompts]
-
-
-def engine_only(gen, prompts: list, seed: int) -> tuple[float, int, int, int]:
-    """Runs inside the Generator actor: its engine alone on one batch -> (s, tokens, completions, threads)."""
-    import torch
-
-    params = sampling_params(gen.cfg.rollout, prompts, seed)
-    gen.llm.reset_prefix_cache()
-    t0 = time.perf_counter()
-    outs = gen.llm.generate([{"prompt_token_ids": p.ids} for p in prompts], params, use_tqdm=False)
-    dt = time.perf_counter() - t0
-    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return dt, tokens, sum(len(o.outputs) for o in outs), torch.get_num_threads()
 
 
 def batch_seed(cfg, b: int) -> int:
@@ -109,11 +97,12 @@ def run_actor(cfg, batches: list, schedule: list) -> tuple[list, list, int]:
     rows, engine_rows, threads = [], [], 0
     for b, timed in schedule:
         seed = batch_seed(cfg, b)
-        ray.get(gen.__ray_call__.remote(lambda g: g.llm.reset_prefix_cache()))
+        ray.get(gen.reset_prefix_cache.remote())
         t0 = time.perf_counter()
         groups = ray.get(gen.generate.remote(batches[b], seed))
         dt = time.perf_counter() - t0
-        *engine_row, threads = ray.get(gen.__ray_call__.remote(engine_only, batches[b], seed))
+        ray.get(gen.reset_prefix_cache.remote())
+        *engine_row, threads = ray.get(gen.engine_only.remote(batches[b], seed))
         if timed:
             rows.append((dt, sum(len(s.completion_ids) for g in groups for s in g.samples),
                          sum(len(g.samples) for g in groups)))

@@ -145,9 +145,12 @@ def run_trl(task: Path, steps: int, lr: float, seed: int, out: Path) -> dict:
     return {**figures([r["wall_s"] for r in rows], completions, [r["reward_mean"] for r in rows], phases), **mem}
 
 
-def ours_config(task: Path, steps: int, lr: float, seed: int, out: Path, threads: int, compiled: bool) -> dict:
-    """Our config with TRL's settings (see the module docstring); written as YAML for `python -m rlhf.train`."""
-    return {
+def ours_config(task: Path, steps: int, lr: float, seed: int, out: Path, threads: int, compiled: bool,
+                async_pinned: bool = False) -> dict:
+    """Our config with TRL's settings (see the module docstring); written as YAML for `python -m rlhf.train`.
+    async_pinned: rollout.mode=async (samples at most 1 version old, truncated IS), the generator on core 0
+    and the trainer on core 1, one thread each, so that generation and training overlap."""
+    cfg = {
         "name": f"vs_trl_s{seed}", "seed": seed, "steps": steps,
         "model": {"path": str(task / "model"), "dtype": "float32"},
         "data": {"path": str(task / "prompts.jsonl"), "prompt_key": "prompt", "shuffle": False,
@@ -167,11 +170,18 @@ def ours_config(task: Path, steps: int, lr: float, seed: int, out: Path, threads
         "logging": {"output_dir": str(out / "runs"), "wandb": "disabled"},
         "resources": {"generator_cpus": 1, "trainer_cpus": 1},
     }
+    if async_pinned:
+        cfg["rollout"].update({"mode": "async", "max_staleness": 1, "threads": 1})
+        cfg["train"]["threads"] = 1
+        cfg["resources"].update({"generator_cores": [0], "trainer_cores": [1]})
+    return cfg
 
 
-def run_ours(task: Path, steps: int, lr: float, seed: int, out: Path, threads: int, compiled: bool) -> dict:
+def run_ours(task: Path, steps: int, lr: float, seed: int, out: Path, threads: int, compiled: bool,
+             async_pinned: bool = False) -> dict:
     config = out / "config.yaml"
-    config.write_text(yaml.safe_dump(ours_config(task, steps, lr, seed, out, threads, compiled), sort_keys=False))
+    config.write_text(yaml.safe_dump(ours_config(task, steps, lr, seed, out, threads, compiled, async_pinned),
+                                     sort_keys=False))
     lines, mem = run_measured([sys.executable, "-m", "rlhf.train", "--config", str(config)], out / "ours.log")
     summary = json.loads(next(line for line in reversed(lines) if line.startswith("summary: ")).split(" ", 1)[1])
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
@@ -239,6 +249,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="our rollout.threads and train.threads: generation and training take turns, so each uses "
                          "every core, as TRL's single process does")
+    ap.add_argument("--async-pinned", action="store_true",
+                    help="ours in rollout.mode=async, the generator on core 0 and the trainer on core 1")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     args = ap.parse_args()
@@ -265,7 +277,7 @@ def main() -> None:
                 out = out_root / f"{size}-s{seed}-{system}"
                 out.mkdir(parents=True, exist_ok=True)
                 r = (run_trl(task, steps, lr, seed, out) if system == "trl"
-                     else run_ours(task, steps, lr, seed, out, args.threads, args.compiled))
+                     else run_ours(task, steps, lr, seed, out, args.threads, args.compiled, args.async_pinned))
                 res[system].append(r)
                 (out / "result.json").write_text(json.dumps(r, indent=1))
                 print(f"{size} seed {seed} {system:>4}: {r['samples_per_s']:.1f} completions/s, reward "

@@ -324,6 +324,12 @@ class RunConfig:
         need(self.rollout.threads >= 0 and self.train.threads >= 0, "rollout.threads/train.threads", "must be >= 0")
         need(self.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
         need(self.rollout.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
+        if self.resources.colocate:
+            need(self.rollout.mode == "sync", "resources.colocate",
+                 "needs rollout.mode=sync (colocated generator and trainer take turns on one device)")
+            need(self.rollout.tensor_parallel_size == 1 and self.rollout.num_generators <= self.train.ranks,
+                 "resources.colocate", "needs rollout.tensor_parallel_size=1 and rollout.num_generators <= "
+                 "train.ranks (generator i shares trainer rank i's device)")
         need(self.resources.gpu_memory_gb > 0 and self.resources.node_memory_gb >= 0, "resources.gpu_memory_gb",
              "gpu_memory_gb must be > 0 and node_memory_gb >= 0")
         need(self.rollout.buffer_groups == 0 or self.rollout.buffer_groups >= self.rollout.prompts_per_step,

@@ -81,6 +81,9 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
     resume_from = checkpoint.resume_path(cfg)
     log = RunLog(cfg)
     topo = build_topology(cfg, device, run_id=log.dir.name)
+    if cfg.resources.colocate and device == "cpu":
+        print("resources.colocate on CPU: weights move through shared memory; vLLM has no sleep mode on CPU, so "
+              "the generators keep their KV cache while the trainer trains", flush=True)
     a, group_size = cfg.algorithm, cfg.rollout.samples_per_prompt
     stream = None
     try:
@@ -103,6 +106,7 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
             # 1-2. prompts -> rollout -> reward -> replay buffer, group by group; a batch comes out
             # (DAPO's dynamic sampling: groups without signal are filtered and replaced)
             groups = stream.next_batch(step, m)
+            topo.colocated_sleep(True)  # colocated on GPU: the generators' memory goes to the trainer
 
             # 3. the trainer's ("old") and the reference's log-probs of the sampled tokens; the critic's values
             samples = [s for g in groups for s in g.samples]
@@ -140,6 +144,7 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
 
             # 6. weight sync: every generator serves the new policy version
             with timed(m, "sync"):
+                topo.colocated_sleep(False)
                 m.update(push_weights(topo, version=step))
             stream.weights_pushed()
             if step == cfg.steps:
@@ -183,7 +188,7 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
     teardown(topo)
     check_accounting(log.rows, loader.handed_out)
     return log.finish({"prompts_skipped_too_long": loader.skipped_too_long, "device": device,
-                       "generator_restarts": topo.generator_restarts})
+                       "generator_restarts": topo.generator_restarts, "weight_sync_backend": topo.weight_sync.backend})
 
 
 class RunFailed(RuntimeError):

@@ -7,12 +7,14 @@ bundle per engine; a tensor-parallel engine's workers share its bundle), trainer
 ranks, the reference and the reward model. Per actor the plan estimates memory from the model's
 shape (instantiated on the meta device, so nothing is loaded):
 
-    trainer / critic rank   parameters, gradients, Adam states (+ fp32 master weights under bf16), each
+    trainer / critic rank   parameters, gradients, Adam states (+ the fp32 master partition), each
                             divided over the ranks as the ZeRO stage partitions it, moved to host memory
                             by train.offload_*; activations of one micro-batch at the longest sequence
                             (Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) half-precision bytes per
-                            layer; with gradient checkpointing, only each layer's input plus one layer);
-                            the logits and their log-softmax and gradient (3 * b*s*V floats)
+                            layer; with gradient checkpointing, each layer's input plus one layer's
+                            activations and their gradients); the logits and their log-softmax and
+                            gradient (3 * b*s*V floats); the optimizer step's temporaries (8 bytes a
+                            parameter). bench/memory.py compares this with measured peaks (README).
     generator               weights / TP per worker; the KV cache (rollout.kv_cache_gb on CPU;
                             gpu_memory_utilization of the GPU on GPU, which includes the weights);
                             on CPU one receive buffer per weight bucket (a second copy of the weights)
@@ -71,6 +73,7 @@ class ActorPlan:
     host_gib: dict[str, float] = field(default_factory=dict)  # offloaded parts, and the process itself
     node: str = ""  # where the bundle would land in the current cluster ("" = not simulated)
     params: int = 0  # parameters of the model it holds
+    colocated_with: str = ""  # resources.colocate: the trainer rank whose bundle (and device) it shares
 
     @property
     def device_total(self) -> float:
@@ -89,13 +92,17 @@ def trainer_memory(cfg: RunConfig, shape: ModelShape) -> tuple[dict[str, float],
     parts = {
         "parameters": width * p / (world if z == 3 else 1),
         "gradients": width * p / (world if z >= 2 else 1),
-        "optimizer": (8 + (4 if bf16 else 0)) * p / (world if z >= 1 else 1),  # Adam m, v (+ fp32 master)
+        # Adam's m and v, plus the fp32 master partition ZeRO (stage >= 1) and bf16 keep beside the module
+        "optimizer": (8 + (4 if bf16 or z >= 1 else 0)) * p / (world if z >= 1 else 1),
+        # the step's temporaries (torch's foreach AdamW: about two fp32 tensors the size of the partition)
+        "optimizer_step": 8 * p / (world if z >= 1 else 1),
         "activations": activation_bytes(cfg, shape, training=True),
     }
     device = {k: v / GIB for k, v in parts.items()}
     host: dict[str, float] = {}
     if t.offload_optimizer:
         host["optimizer"] = device.pop("optimizer")
+        host["optimizer_step"] = device.pop("optimizer_step")
     if t.offload_params:
         host["parameters"] = device.pop("parameters")
     return device, host
@@ -111,8 +118,8 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, training: bool) -> float
     logits = 3 * b * s * v * 4.0  # fp32 logits, their log-softmax, and its gradient
     if not training:
         return logits / 3 * 2
-    if cfg.train.gradient_checkpointing:  # each layer's input is kept; one layer is recomputed at a time
-        return layers * s * b * h * 2 * scale + per_layer + logits
+    if cfg.train.gradient_checkpointing:  # each layer's input is kept; one layer at a time is recomputed,
+        return layers * s * b * h * 2 * scale + 2 * per_layer + logits  # its activations and their gradients
     return layers * per_layer + logits
 
 
@@ -165,6 +172,12 @@ def build_plan(cfg: RunConfig, device: str, shape: ModelShape | None = None) -> 
                                mem if gpu else {}, mem if not gpu else {}))
     for p in plans:
         p.host_gib.update(cpu_runtime(p.kind))
+    if r.colocate:  # generator i rides in trainer rank i's bundle, which grows by the generator's resources
+        trainers = [p for p in plans if p.kind == "trainer"]
+        for g in (p for p in plans if p.kind == "generator"):
+            t = trainers[int(g.role.rsplit("-", 1)[1])]
+            t.bundle = {k: t.bundle.get(k, 0.0) + g.bundle.get(k, 0.0) for k in {*t.bundle, *g.bundle}}
+            g.bundle, g.colocated_with = {}, t.role
     return plans
 
 
@@ -185,6 +198,8 @@ def place(plans: list[ActorPlan], nodes: list[dict[str, Any]], cfg: RunConfig) -
     free = [dict(n["Resources"]) for n in nodes]
     last: dict[str, int] = {}
     for p in plans:
+        if p.colocated_with:
+            continue
         order = list(range(len(free)))
         if p.kind in last:
             k = (last[p.kind] + (1 if strategy(cfg, p.kind) == "SPREAD" else 0)) % len(order)
@@ -197,6 +212,10 @@ def place(plans: list[ActorPlan], nodes: list[dict[str, Any]], cfg: RunConfig) -
         for key, v in p.bundle.items():
             free[fits[0]][key] -= v
         p.node, last[p.kind] = node_name(nodes, fits[0]), fits[0]
+    by_role = {p.role: p for p in plans}
+    for p in plans:
+        if p.colocated_with:
+            p.node = by_role[p.colocated_with].node
 
 
 def check(plans: list[ActorPlan], nodes: list[dict[str, Any]], cfg: RunConfig, device: str) -> None:
@@ -214,6 +233,11 @@ def check(plans: list[ActorPlan], nodes: list[dict[str, Any]], cfg: RunConfig, d
             else:
                 need, have = p.device_total, r.gpu_memory_gb * min(gpus, 1.0)
                 what = f"{need:.1f} GiB on its GPU ({breakdown(p.device_gib)}) but gets {have:.1f} GiB"
+                if r.colocate and p.kind == "trainer":  # the generator's share of the GPU comes on top
+                    need += cfg.rollout.gpu_memory_utilization * r.gpu_memory_gb
+                    have = r.gpu_memory_gb
+                    what = (f"{p.device_total:.1f} GiB ({breakdown(p.device_gib)}) plus the colocated generator's "
+                            f"rollout.gpu_memory_utilization x {r.gpu_memory_gb:g} GiB on one GPU")
             if need > have:
                 raise PlanError(f"{p.role} does not fit: {what}; short by {need - have:.1f} GiB")
     for i, n in enumerate(nodes):

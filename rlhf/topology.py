@@ -40,11 +40,13 @@ class Placement:
 
     groups: dict[str, Any]  # kind -> PlacementGroup
     bundles: dict[str, list[dict[str, float]]]  # kind -> one bundle per actor
+    alias: dict[str, str] = field(default_factory=dict)  # colocated: "generator" -> "trainer"
 
     def options(self, kind: str, index: int) -> dict[str, Any]:
         """Ray actor options that put actor `index` of role `kind` into its bundle."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        kind = self.alias.get(kind, kind)
         if kind in self.groups:
             return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=self.groups[kind], placement_group_bundle_index=index)}
@@ -67,7 +69,7 @@ def reserve_placement(cfg: RunConfig, run_id: str, plans: list[ActorPlan], timeo
     bundles: dict[str, list[dict[str, float]]] = {}
     for p in plans:
         bundles.setdefault(p.kind, []).append(p.bundle)
-    placement = Placement({}, bundles)
+    placement = Placement({}, bundles, {"generator": "trainer"} if cfg.resources.colocate else {})
     try:
         for kind, kind_bundles in bundles.items():
             if all(kind_bundles):  # Ray refuses empty bundles; a role asking for nothing is placed freely
@@ -120,6 +122,12 @@ class Topology:
         self.weight_sync.reconnect()
         if push:
             self.weight_sync.push(self.weight_sync.version)
+
+    def colocated_sleep(self, sleep: bool) -> None:
+        """resources.colocate: generators free their device memory while the trainer trains (sleep),
+        and take it back before weights arrive (wake). A no-op where vLLM has no sleep mode (CPU)."""
+        if self.cfg.resources.colocate:
+            ray.get([g.sleep.remote() if sleep else g.wake_up.remote() for g in self.generators])
 
     def role_of(self, actor_id: str | None) -> str:
         """The role of the actor with this hex id ("trainer-rank-0", ...), for error messages."""

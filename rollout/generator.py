@@ -65,6 +65,10 @@ class Generator:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind(sorted(os.sched_getaffinity(0)), tp)
         self.index = index
         self.cfg = cfg
+        from vllm.platforms import current_platform
+
+        # Colocated with a trainer rank: vLLM's sleep mode frees the device between rollouts (GPU only).
+        self._can_sleep = cfg.resources.colocate and current_platform.is_sleep_mode_available()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=cfg.model.path,
             dtype=cfg.model.dtype,
@@ -82,6 +86,7 @@ class Generator:
             # from; the trainer divides its logits by the same temperature.
             logprobs_mode="processed_logprobs",
             disable_log_stats=True,
+            enable_sleep_mode=self._can_sleep,
         ))
         self.version = 0
         self._open = asyncio.Event()  # cleared while a weight update runs
@@ -147,6 +152,42 @@ class Generator:
         import asyncio
 
         return list(await asyncio.gather(*(self.generate_group(p, seed, greedy) for p in prompts)))
+
+    async def sleep(self) -> bool:
+        """Free the KV cache and move the weights to host memory (vLLM sleep level 1) while the colocated
+        trainer trains. False, doing nothing, where the platform has no sleep mode (CPU)."""
+        if not self._can_sleep:
+            return False
+        await self.engine.sleep(level=1)
+        return True
+
+    async def wake_up(self) -> None:
+        if self._can_sleep and await self.engine.is_sleeping():
+            await self.engine.wake_up()
+
+    async def reset_prefix_cache(self) -> None:
+        await self.engine.reset_prefix_cache()
+
+    async def engine_only(self, prompts: list[Prompt], seed: int) -> tuple[float, int, int, int]:
+        """For bench/rollout_overhead.py: the engine alone on one batch, timed here, without Ray or the
+        conversion to samples -> (seconds, tokens, completions, torch threads)."""
+        import asyncio
+        import time
+        import uuid
+
+        import torch
+
+        async def one(p: Prompt):
+            async for out in self.engine.generate({"prompt_token_ids": p.ids}, self._params(p, seed, False),
+                                                  uuid.uuid4().hex):
+                final = out
+            return final
+
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*(one(p) for p in prompts))
+        dt = time.perf_counter() - t0
+        return dt, sum(len(c.token_ids) for o in outs for c in o.outputs), sum(len(o.outputs) for o in outs), \
+            torch.get_num_threads()
 
     def serving_version(self) -> int:
         return self.version

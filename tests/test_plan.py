@@ -28,10 +28,12 @@ def test_trainer_memory_by_hand_zero3_over_two_ranks_and_offload(tiny_model, tmp
     cfg = cfg_with(tiny_model, tmp_path, **{"train.ranks": 2, "train.zero_stage": 3, "train.micro_batch_size": 2,
                                             "train.mini_batch_size": 32})
     device, host = trainer_memory(cfg, SHAPE)
-    # fp32: 4 bytes per parameter and per gradient, 8 for Adam's m and v; ZeRO-3 halves all three over 2 ranks
+    # fp32: 4 bytes per parameter and per gradient, 8 for Adam's m and v and 4 for ZeRO's fp32 master
+    # partition; ZeRO-3 halves all of them over 2 ranks
     assert device["parameters"] == pytest.approx(2e6 / GIB)
     assert device["gradients"] == pytest.approx(2e6 / GIB)
-    assert device["optimizer"] == pytest.approx(4e6 / GIB)
+    assert device["optimizer"] == pytest.approx(6e6 / GIB)
+    assert device["optimizer_step"] == pytest.approx(4e6 / GIB)  # foreach AdamW's temporaries
     # activations: s=32, b=2, h=64, a=1: per layer 32*2*64*(34 + 5*1*32/64) * 2 bytes (fp32), 2 layers,
     # plus 3 fp32 tensors of the logits b*s*V
     per_layer = 32 * 2 * 64 * (34 + 5 * 32 / 64) * 2
@@ -40,10 +42,13 @@ def test_trainer_memory_by_hand_zero3_over_two_ranks_and_offload(tiny_model, tmp
     off = cfg_with(tiny_model, tmp_path, **{"train.ranks": 2, "train.zero_stage": 3, "train.offload_optimizer": True,
                                             "train.offload_params": True, "train.mini_batch_size": 32})
     device, host = trainer_memory(off, SHAPE)
-    assert set(device) == {"gradients", "activations"} and set(host) == {"optimizer", "parameters"}
+    assert set(device) == {"gradients", "activations"}
+    assert set(host) == {"optimizer", "optimizer_step", "parameters"}
+    # Checkpointing keeps each layer's input plus one layer (twice, with its gradients): less from 3 layers on.
+    deep = ModelShape(params=1_000_000, hidden=64, layers=8, heads=1, vocab=100)
     ckpt = cfg_with(tiny_model, tmp_path, **{"train.gradient_checkpointing": True})
-    assert trainer_memory(ckpt, SHAPE)[0]["activations"] < trainer_memory(cfg_with(tiny_model, tmp_path), SHAPE)[0][
-        "activations"]
+    plain = trainer_memory(cfg_with(tiny_model, tmp_path), deep)[0]["activations"]
+    assert trainer_memory(ckpt, deep)[0]["activations"] < plain / 2
 
 
 def test_roles_land_on_the_nodes_their_custom_resources_name(tiny_model, tmp_path):
@@ -84,3 +89,26 @@ def test_the_plan_refuses_what_cannot_fit_naming_it(tiny_model, tmp_path):
     with pytest.raises(PlanError, match=r"node laptop#0 does not fit its actors: .* short by 0.7 GiB; "
                                         r"the largest is generator-0"):
         check(plans, small_node, cfg, "cpu")
+
+
+def test_colocated_generators_share_the_trainer_bundle_and_its_gpu(tiny_model, tmp_path):
+    cfg = cfg_with(tiny_model, tmp_path, **{"resources.colocate": True})
+    plans = {p.role: p for p in build_plan(cfg, "cpu", SHAPE)}
+    assert plans["generator-0"].bundle == {} and plans["generator-0"].colocated_with == "trainer-rank-0"
+    assert plans["trainer-rank-0"].bundle == {"CPU": 2.0}
+    place(list(plans.values()), [node("a", 1), node("b", 2)], cfg)
+    assert plans["generator-0"].node == plans["trainer-rank-0"].node == "b#1"
+
+    gpu = cfg_with(tiny_model, tmp_path, **{"resources.colocate": True, "resources.trainer_gpus": 0.5,
+                                           "resources.generator_gpus": 0.5, "resources.gpu_memory_gb": 16,
+                                           "rollout.gpu_memory_utilization": 0.5, "model.dtype": "bfloat16"})
+    mid = ModelShape(params=1_000_000_000, hidden=2048, layers=16, heads=16, vocab=32000)
+    plans = build_plan(gpu, "cuda", mid)
+    nodes = [node("g", 8, memory_gib=100, gpus=1)]
+    place(plans, nodes, gpu)
+    # 1B in bf16: 2 + 2 + 12 GB of weights, gradients, Adam and master copies, plus activations, then the
+    # generator's 0.5 x 16 GiB: more than one 16 GiB GPU
+    with pytest.raises(PlanError, match=r"trainer-rank-0 does not fit: .* plus the colocated generator"):
+        check(plans, nodes, gpu, "cuda")
+    with pytest.raises(Exception, match=r"resources.colocate: needs rollout.mode=sync"):
+        cfg_with(tiny_model, tmp_path, **{"resources.colocate": True, "rollout.mode": "async"})

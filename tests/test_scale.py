@@ -95,3 +95,17 @@ def test_dry_run_prints_the_plan_and_refuses_what_cannot_fit(tiny_model, tmp_pat
                          timeout=300)
     assert bad.returncode == 2
     assert "does not fit" in bad.stderr and "short by" in bad.stderr and "generator-0" in bad.stderr
+
+
+def test_a_colocated_run_on_cpu_moves_weights_through_shared_memory(ray_cluster, tiny_model, tmp_path):
+    """resources.colocate: generator 0 shares trainer rank 0's bundle and weights go by the ipc backend
+    (shared memory on CPU; CUDA IPC on GPU), checksummed after every push."""
+    import rlhf
+
+    cfg = load_config(TINY, tiny_overrides(tiny_model, tmp_path, **{
+        "steps": 3, "resources.colocate": True, "weight_sync.verify": True, "checkpoint.save_final": "false"}))
+    summary = rlhf.run(cfg)
+    assert summary["weight_sync_backend"] == "ipc"
+    rows = [json.loads(line) for line in open(f"{summary['run_dir']}/metrics.jsonl")]
+    assert [r["rollout/policy_version"] for r in rows] == [0, 1, 2]
+    assert max(r["sync/logprob_gap"] for r in rows) < 1e-4
