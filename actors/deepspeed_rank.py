@@ -21,8 +21,9 @@ from weight_sync.group import free_port
 def comm_bucket_elements(num_params: int) -> int:
     """DeepSpeed's gradient-reduce / all-gather / prefetch bucket size, in elements: its default 5e8
     (2 GB of fp32, allocated even for a 50M-parameter model, measured with bench/memory.py) capped at
-    the model's size, and at least 1e6 so that large models keep few, large transfers."""
-    return int(min(5e8, max(1e6, num_params)))
+    the model's size, and at least 1e6 so that large models keep few, large transfers. A multiple of 64:
+    ZeRO asserts the bucket is a multiple of its alignment (2 elements for fp32 on one rank)."""
+    return int(min(5e8, max(1e6, num_params)) + 63) // 64 * 64
 
 
 def deepspeed_config(cfg: RunConfig, device: str, lr: float, num_params: int = 500_000_000) -> dict:
@@ -102,9 +103,10 @@ class DeepSpeedRank:
         if self.cfg.train.gradient_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+        trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, or LoRA's adapters
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable,
                                                config=deepspeed_config(self.cfg, self.device.type, lr,
-                                                                       sum(p.numel() for p in model.parameters())),
+                                                                       sum(p.numel() for p in trainable)),
                                                lr_scheduler=lr_schedule(self.cfg))
 
     def _backward_step(self, loss: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ray
 import torch
 
+from actors import lora
 from actors.common import batch_logprobs, micro_logits
 from actors.deepspeed_rank import DeepSpeedRank, node_host, shard_minibatches, sharded_forward
 from rlhf.algorithms import (
@@ -31,10 +32,17 @@ class PolicyTrainer(DeepSpeedRank):
         from transformers import AutoModelForCausalLM
 
         cfg = self.cfg
-        self._start_engine(master_addr, master_port, lambda: AutoModelForCausalLM.from_pretrained(
-            cfg.model.path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code), cfg.train.lr)
-        self.sender = WeightSender(dict(self.engine.module.named_parameters()), self.rank, cfg.train.zero_stage,
-                                   cfg.model.dtype)
+
+        def build() -> torch.nn.Module:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32,
+                                                         trust_remote_code=cfg.model.trust_remote_code)
+            return lora.wrap(model, cfg.train) if cfg.train.lora_rank else model
+
+        self._start_engine(master_addr, master_port, build, cfg.train.lr)
+        # What a sync sends: every parameter, or with LoRA the merged weights of the adapted modules only.
+        params = (lambda: lora.merged_weights(self.engine.module)) if cfg.train.lora_rank else dict(
+            self.engine.module.named_parameters())
+        self.sender = WeightSender(params, self.rank, cfg.train.zero_stage, cfg.model.dtype)
 
     # ---- forward passes ----
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
@@ -123,7 +131,11 @@ class PolicyTrainer(DeepSpeedRank):
             if self.rank == 0:
                 from transformers import AutoTokenizer
 
-                self.engine.module.save_pretrained(path)
+                if self.cfg.train.lora_rank:  # the merged model, not the adapters: any loader reads it
+                    module = self.engine.module
+                    module.get_base_model().save_pretrained(path, state_dict=lora.full_state(module))
+                else:
+                    self.engine.module.save_pretrained(path)
                 AutoTokenizer.from_pretrained(self.cfg.model.path).save_pretrained(path)
 
 

@@ -9,7 +9,11 @@ Qwen2 layouts (hundreds of tensors). For each size, the median over repeats of:
       per-parameter RPC + broadcast that peers use;
   (b) bucketed: weight_sync's WeightSender.send and receive_buckets (plan, pack into reused buffers,
       overlapped broadcast, unpack), without vLLM's load (the same in every mode);
-  (c) raw: one torch broadcast of one flat buffer of the same bytes, the practical limit.
+  (c) raw: one torch broadcast of one flat buffer of the same bytes, the practical limit;
+  (d) ipc: (b) over the `ipc` backend (weight_sync/ipc.py: shared memory on CPU, CUDA IPC on GPU), what a
+      colocated trainer and generator use: the receiver maps each bucket and copies it out;
+  (e) lora: (b) for a LoRA policy (rank 16 on every attention and MLP projection): each send merges
+      W + B @ A for the adapted modules and carries only those (embeddings and norms do not change).
 The first repeat of each mode warms its buffers (the run's first sync does the same); the median
 is over the repeats after it.
 Prints a table, then one JSON line with bucketed_over_raw and per_param_over_bucketed at the largest size.
@@ -80,22 +84,46 @@ def bucketed(sender, group, buckets, rank: int, pool: dict) -> None:
             pass
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_adapters(tensors: dict[str, torch.Tensor], r: int = 16) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Rank-r (B, A) for every adapted weight, as peft holds them (fp32)."""
+    gen = torch.Generator().manual_seed(0)
+    return {n: (torch.randn(t.shape[0], r, generator=gen) * 1e-3, torch.randn(r, t.shape[1], generator=gen))
+            for n, t in tensors.items() if t.dim() == 2 and any(f".{k}." in n for k in LORA_TARGETS)}
+
+
+def merged(tensors: dict[str, torch.Tensor], adapters: dict) -> dict[str, torch.Tensor]:
+    return {n: tensors[n] + (b @ a).to(tensors[n].dtype) for n, (b, a) in adapters.items()}
+
+
 def raw(group, flat: torch.Tensor) -> None:
     group.broadcast(flat, src=0).wait()
 
 
-def measure(group, size: str, rank: int, repeats: int, bucket_mb: float) -> dict:
+def measure(group, ipc, size: str, rank: int, repeats: int, bucket_mb: float) -> dict:
     from weight_sync.sender import WeightSender
 
     tensors = layout_tensors(size, rank)
     sender = WeightSender(tensors, rank=0, zero_stage=0, send_dtype="bfloat16")
     sender.attach(group if rank == 0 else None, int(bucket_mb * 2**20))
     buckets, pool = sender.buckets, {}
+    ipc_sender = WeightSender(tensors, rank=0, zero_stage=0, send_dtype="bfloat16")
+    ipc_sender.attach(ipc if rank == 0 else None, int(bucket_mb * 2**20))
+    ipc_pool: dict = {}
+    adapters = lora_adapters(tensors)
+    lora_sender = WeightSender(lambda: merged(tensors, adapters), rank=0, zero_stage=0, send_dtype="bfloat16")
+    lora_sender.attach(group if rank == 0 else None, int(bucket_mb * 2**20))
+    lora_pool: dict = {}
+    lora_bytes = sum(tensors[n].numel() * tensors[n].element_size() for n in adapters)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     flat = torch.zeros(nbytes // 2, dtype=DTYPE)  # allocated (and touched) once, like the sync's buffers
     modes = {"per_param": lambda: per_param(group, tensors, rank),
              "bucketed": lambda: bucketed(sender, group, buckets, rank, pool),
-             "raw": lambda: raw(group, flat)}
+             "raw": lambda: raw(group, flat),
+             "ipc": lambda: bucketed(ipc_sender, ipc, buckets, rank, ipc_pool),
+             "lora": lambda: bucketed(lora_sender, group, lora_sender.buckets, rank, lora_pool)}
     times: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(repeats + 1):  # interleaved, so drift in the machine's load hits every mode alike
         for mode, fn in modes.items():
@@ -108,17 +136,21 @@ def measure(group, size: str, rank: int, repeats: int, bucket_mb: float) -> dict
            "buckets": len(buckets), "gb": nbytes / 1e9}
     for mode, ts in times.items():
         row[f"{mode}_s"] = statistics.median(ts[1:])  # the first one warmed the buffers
-        row[f"{mode}_gb_per_s"] = nbytes / 1e9 / row[f"{mode}_s"]
+        row[f"{mode}_gb_per_s"] = (lora_bytes if mode == "lora" else nbytes) / 1e9 / row[f"{mode}_s"]
+    row["lora_gb"] = lora_bytes / 1e9
     return row
 
 
-def worker(rank: int, port: int, sizes: list[str], repeats: int, bucket_mb: float, out_path: str) -> None:
+def worker(rank: int, port: int, ipc_port: int, sizes: list[str], repeats: int, bucket_mb: float,
+           out_path: str) -> None:
     torch.set_num_threads(1)
     from weight_sync.group import open_group
 
     group = open_group("gloo", "127.0.0.1", port, rank, 2, timeout_s=600)
-    rows = [measure(group, size, rank, repeats, bucket_mb) for size in sizes]
+    ipc = open_group("ipc", "127.0.0.1", ipc_port, rank, 2, timeout_s=600)
+    rows = [measure(group, ipc, size, rank, repeats, bucket_mb) for size in sizes]
     group.close()
+    ipc.close()
     if rank == 0:
         Path(out_path).write_text(json.dumps(rows))
 
@@ -133,24 +165,30 @@ def main() -> None:
     from weight_sync.group import free_port
 
     out = f"/tmp/bench_weight_sync_{os.getpid()}.json"
-    mp.spawn(worker, args=(free_port("127.0.0.1"), sizes, args.repeats, args.bucket_mb, out), nprocs=2)
+    mp.spawn(worker, args=(free_port("127.0.0.1"), free_port("127.0.0.1"), sizes, args.repeats, args.bucket_mb, out),
+             nprocs=2)
     rows = json.loads(Path(out).read_text())
     os.unlink(out)
 
     print(f"gloo on {os.cpu_count()} CPU cores, bf16, bucket {args.bucket_mb:g} MB, median of {args.repeats}")
     print(f"{'size':>5} {'params':>11} {'tensors':>7} {'GB':>6} | {'per-param s':>11} {'GB/s':>6} | "
-          f"{'bucketed s':>10} {'GB/s':>6} | {'raw s':>7} {'GB/s':>6} | {'b/c bw':>6} {'a/b time':>8}")
+          f"{'bucketed s':>10} {'GB/s':>6} | {'raw s':>7} {'GB/s':>6} | {'b/c bw':>6} {'a/b time':>8} | "
+          f"{'ipc s':>6} {'GB/s':>6} | {'lora GB':>7} {'lora s':>6}")
     for r in rows:
         print(f"{r['size']:>5} {r['params']:>11,} {r['tensors']:>7} {r['gb']:>6.2f} | "
               f"{r['per_param_s']:>11.3f} {r['per_param_gb_per_s']:>6.2f} | "
               f"{r['bucketed_s']:>10.3f} {r['bucketed_gb_per_s']:>6.2f} | "
               f"{r['raw_s']:>7.3f} {r['raw_gb_per_s']:>6.2f} | "
-              f"{r['bucketed_gb_per_s'] / r['raw_gb_per_s']:>6.2f} {r['per_param_s'] / r['bucketed_s']:>8.2f}")
+              f"{r['bucketed_gb_per_s'] / r['raw_gb_per_s']:>6.2f} {r['per_param_s'] / r['bucketed_s']:>8.2f} | "
+              f"{r['ipc_s']:>6.3f} {r['ipc_gb_per_s']:>6.2f} | {r['lora_gb']:>7.3f} {r['lora_s']:>6.3f}")
     last = rows[-1]
     print(json.dumps({"size": last["size"], "bucketed_over_raw": last["bucketed_gb_per_s"] / last["raw_gb_per_s"],
                       "per_param_over_bucketed": last["per_param_s"] / last["bucketed_s"],
                       "bucketed_gb_per_s": last["bucketed_gb_per_s"], "raw_gb_per_s": last["raw_gb_per_s"],
-                      "per_param_gb_per_s": last["per_param_gb_per_s"]}))
+                      "per_param_gb_per_s": last["per_param_gb_per_s"], "ipc_gb_per_s": last["ipc_gb_per_s"],
+                      "ipc_over_bucketed": last["ipc_gb_per_s"] / last["bucketed_gb_per_s"],
+                      "lora_gb": last["lora_gb"], "lora_s": last["lora_s"], "full_gb": last["gb"],
+                      "lora_over_bucketed_time": last["lora_s"] / last["bucketed_s"]}))
 
 
 if __name__ == "__main__":

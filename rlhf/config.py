@@ -74,6 +74,7 @@ class RolloutConfig:
     max_staleness: int = 1  # async only: older samples are dropped (and counted), never trained
     inflight_on_update: Literal["abort", "finish"] = "abort"  # requests running when new weights arrive:
     # abort = aborted and run again on the new weights; finish = complete on the old ones, then the update
+    timeout_s: float = 600.0  # no group finishing for this long while requests are in flight is an error
     buffer_groups: int = 0  # replay-buffer capacity in groups (in flight + ready); 0 = prompts_per_step x
     # (max_staleness + 1) in async mode, prompts_per_step in sync mode. A full buffer stops generation.
 
@@ -178,6 +179,13 @@ class TrainConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     gradient_checkpointing: bool = False
+    # LoRA (peft) on the policy: rank 0 = full fine-tuning. Weight syncs then carry only the merged
+    # weights of the target modules (actors/lora.py).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj")
 
 
 @dataclass(frozen=True)
@@ -323,6 +331,7 @@ class RunConfig:
         need(self.rollout.max_restarts >= 0, "rollout.max_restarts", "must be >= 0")
         need(self.rollout.threads >= 0 and self.train.threads >= 0, "rollout.threads/train.threads", "must be >= 0")
         need(self.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
+        need(self.rollout.timeout_s > 0, "rollout.timeout_s", "must be > 0")
         need(self.rollout.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
         if self.resources.colocate:
             need(self.rollout.mode == "sync", "resources.colocate",
@@ -362,6 +371,17 @@ class RunConfig:
              "needs train.zero_stage >= 1 (ZeRO-Offload partitions the optimizer states)")
         need(not self.train.offload_params or self.train.zero_stage == 3, "train.offload_params",
              "needs train.zero_stage = 3 (only ZeRO-3 partitions the parameters)")
+        if self.train.lora_rank:
+            from actors.lora import FUSED_GROUPS
+
+            targets = set(self.train.lora_target_modules)
+            need(self.train.lora_rank > 0 and bool(targets), "train.lora_rank", "must be >= 0, with target modules")
+            need(self.train.zero_stage <= 2, "train.lora_rank", "LoRA needs train.zero_stage <= 2 (the adapters "
+                 "are small; ZeRO-3 partitioning of the frozen base is not supported with them)")
+            for group in FUSED_GROUPS:
+                need(not (targets & set(group)) or set(group) <= targets, "train.lora_target_modules",
+                     f"{sorted(targets & set(group))} without {sorted(set(group) - targets)}: vLLM fuses "
+                     f"{'/'.join(group)} into one module, so adapt all of them or none")
         need(self.train.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
         per_step = self.train.micro_batch_size * self.train.ranks
         need(self.train.mini_batch_size % per_step == 0, "train.mini_batch_size",

@@ -60,8 +60,8 @@ class RolloutStream:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
         self._last_take = time.perf_counter()
+        self._last_progress = time.monotonic()  # when a group last finished, or the stream last went idle
 
     # ---- the trainer's side ----
     def next_batch(self, step: int, m: dict[str, float]) -> list[SampleGroup]:
@@ -148,7 +148,6 @@ class RolloutStream:
                     self._wake.wait(timeout=0.05)
                     self._wake.clear()
         except BaseException as e:  # the trainer's take must not wait for a producer that is gone
-            self._error = e
             self.buffer.close(e)
 
     def _target_step(self) -> int:
@@ -178,6 +177,8 @@ class RolloutStream:
         return load.index(min(load))
 
     def _submit(self, prompt: Prompt, seed: int, i: int, order: int) -> None:
+        if not self._inflight:
+            self._last_progress = time.monotonic()
         self._inflight[self.topo.generators[i].generate_group.remote(prompt, seed)] = (i, prompt, seed, order)
 
     def _collect(self, timeout: float) -> None:
@@ -187,7 +188,9 @@ class RolloutStream:
             return
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         if not ready:
+            self._check_progress()
             return
+        self._last_progress = time.monotonic()
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         groups: list[tuple[SampleGroup, int]] = []
         with self._lock:
@@ -201,6 +204,15 @@ class RolloutStream:
                     self._replace_generator(self._inflight[ref][0])
         if groups:
             self._score(groups)
+
+    def _check_progress(self) -> None:
+        """A hung generator must not hang the run: nothing finishing for rollout.timeout_s is an error."""
+        waited = time.monotonic() - self._last_progress
+        if waited > self.cfg.rollout.timeout_s:
+            busy = sorted({i for i, *_ in self._inflight.values()})
+            raise RuntimeError(f"no rollout finished for {waited:.0f} s (rollout.timeout_s="
+                               f"{self.cfg.rollout.timeout_s:g}) with {len(self._inflight)} request(s) in flight on "
+                               f"{', '.join(f'generator-{i}' for i in busy)}: hung or far too slow")
 
     def _replace_generator(self, i: int) -> None:
         """Generator i died: a new one takes its place and its unfinished prompts, with the same seeds."""

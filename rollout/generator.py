@@ -203,7 +203,7 @@ class Generator:
                                bucket_bytes: int) -> None:
         await self.engine.collective_rpc("init_weight_sync", args=(
             endpoint.host, endpoint.port, world_size, rank_offset, endpoint.backend, self.cfg.weight_sync.timeout_s,
-            params, bucket_bytes))
+            params, bucket_bytes, self.cfg.train.lora_rank > 0))
 
     async def receive_weights(self, version: int, verify: bool) -> list[tuple[int, list[int] | None]]:
         """Every worker's (served version, per-tensor checksums or None); the service checks them."""

@@ -112,3 +112,11 @@ def test_colocated_generators_share_the_trainer_bundle_and_its_gpu(tiny_model, t
         check(plans, nodes, gpu, "cuda")
     with pytest.raises(Exception, match=r"resources.colocate: needs rollout.mode=sync"):
         cfg_with(tiny_model, tmp_path, **{"resources.colocate": True, "rollout.mode": "async"})
+
+
+def test_deepspeed_comm_buckets_are_capped_at_the_model_and_aligned():
+    from actors.deepspeed_rank import comm_bucket_elements
+
+    assert comm_bucket_elements(3_700_001) == 3_700_032  # the model's size, rounded up to a multiple of 64
+    assert comm_bucket_elements(10) == 1_000_000  # at least 1e6
+    assert comm_bucket_elements(10**10) == 500_000_000  # DeepSpeed's default as the cap

@@ -5,6 +5,7 @@ whole model is never gathered at once."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,14 +15,21 @@ from weight_sync.group import Pending, SyncGroup, open_group
 
 
 class WeightSender:
-    def __init__(self, params: dict[str, torch.Tensor], rank: int, zero_stage: int, send_dtype: str):
-        self.params = params  # name -> parameter, HF checkpoint names
+    def __init__(self, params: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]], rank: int,
+                 zero_stage: int, send_dtype: str):
+        # name -> parameter (HF checkpoint names), or a function computing them at each send (LoRA's merged
+        # weights); the names and shapes must not change between sends
+        self._params = params
         self.rank = rank
         self.zero_stage = zero_stage
         self.send_dtype = send_dtype
         self.group: SyncGroup | None = None
         self.buckets: list = []
         self._buffers: list[torch.Tensor] = []  # two, reused: bucket k+1 packs while bucket k is sent
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self._params() if callable(self._params) else self._params
 
     def meta(self) -> list[tuple[str, str, list[int]]]:
         # ZeRO-3 partitions parameters in place; ds_shape is the full shape.
@@ -47,8 +55,9 @@ class WeightSender:
         (both only on rank 0). Bucket k+1 is gathered and packed while bucket k is on the wire."""
         sent, sums = 0, [] if verify else None
         in_flight: Pending | None = None
+        current = self.params  # computed once per send when it is a function
         for k, bucket in enumerate(self.buckets):
-            params = [self.params[m.name] for m in bucket.params]
+            params = [current[m.name] for m in bucket.params]
             with self._gathered(params):  # pack copies, so the gathered parameters can be released after
                 if self.group is None:
                     continue

@@ -17,10 +17,19 @@ from weight_sync.receiver import receive_buckets
 class _RotaryReloadFilter(logging.Filter):
     """vLLM's layerwise reload warns "RotaryEmbedding: Failed to load weights" on every reload: the
     rotary cos/sin cache is a buffer no checkpoint holds, and vLLM puts it back untouched. The per-step
-    log-prob gap (~3e-7 after each sync) shows positions are intact, so only that line is dropped."""
+    log-prob gap (~3e-7 after each sync) shows positions are intact, so only that line is dropped.
+    With `partial` (LoRA syncs carry only the adapted modules) the same line for every module left
+    out is dropped too: those modules keep their weights, and the log-prob gap still checks the rest."""
+
+    def __init__(self, partial: bool = False):
+        super().__init__()
+        self.partial = partial
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
+        message = record.getMessage()
+        if message.startswith("RotaryEmbedding: Failed to load weights"):
+            return False
+        return not (self.partial and message.endswith(": Failed to load weights"))
 
 
 class WeightSyncWorker:
@@ -28,9 +37,15 @@ class WeightSyncWorker:
     _ws_version: int = 0
 
     def init_weight_sync(self, host: str, port: int, world_size: int, rank_offset: int, backend: str,
-                         timeout_s: float, params: list[tuple[str, str, list[int]]], bucket_bytes: int) -> int:
-        """Join the trainer's group as rank rank_offset + this worker's rank; remember the bucket plan."""
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
+                         timeout_s: float, params: list[tuple[str, str, list[int]]], bucket_bytes: int,
+                         partial: bool = False) -> int:
+        """Join the trainer's group as rank rank_offset + this worker's rank; remember the bucket plan.
+        `partial`: syncs carry only some modules' weights (LoRA's adapted ones)."""
+        log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        if getattr(self, "_ws_filter", None) is not None:  # a reconnect: one filter, not one per group
+            log.removeFilter(self._ws_filter)
+        self._ws_filter = _RotaryReloadFilter(partial)
+        log.addFilter(self._ws_filter)
         rank = rank_offset + self.rank  # type: ignore[attr-defined]  (the vLLM Worker's rank in its engine)
         self._ws_group = open_group(backend, host, port, rank, world_size, timeout_s)
         self._ws_buckets = plan_buckets([ParamMeta(n, d, tuple(s)) for n, d, s in params], bucket_bytes)
