@@ -57,10 +57,12 @@ class PolicyTrainer(DeepSpeedRank):
         policy_loss, kl_estimator = POLICY_LOSSES[a.policy_loss], KL_ESTIMATORS[a.kl_estimator]
         self.engine.train()
         s = {"tokens": 0.0, "clipped": 0.0, "approx_kl": 0.0, "loss/policy": 0.0, "loss/kl": 0.0, "entropy": 0.0,
-             "optimizer_steps": 0.0, "tis_sum": 0.0, "tis_capped": 0.0}
+             "optimizer_steps": 0.0, "tis_sum": 0.0, "tis_capped": 0.0, "forward_s": 0.0, "backward_s": 0.0,
+             "optimizer_s": 0.0}
         first = True
         for shard in minibatches:
             for mb in shard.chunks(gas):
+                t0 = self._clock()
                 mask = mb.loss_mask.to(self.device)
                 logits = micro_logits(self.engine, mb, self.device)
                 logp = token_logprobs(logits, mb.input_ids[:, 1:].to(self.device), self.cfg.rollout.temperature)
@@ -81,7 +83,10 @@ class PolicyTrainer(DeepSpeedRank):
                                         shard.loss_denominator)
                     loss = loss - a.entropy_coef * entropy
                     s["entropy"] += entropy.item()
-                self._backward_step(loss)
+                s["forward_s"] += self._clock() - t0
+                backward_s, step_s = self._backward_step(loss)
+                s["backward_s"] += backward_s
+                s["optimizer_s"] += step_s  # the optimizer steps at the mini-batch's last micro-batch
                 with torch.no_grad():
                     policy_kl = KL_ESTIMATORS["k3"](logp, old) * mask  # KL(pi_old || pi) per token
                     s["tokens"] += mask.sum().item()
@@ -181,4 +186,8 @@ def reduce_rank_stats(stats: list[dict[str, float]]) -> dict[str, float]:
         "train/grad_norm": stats[0]["grad_norm"],
         "train/lr": stats[0]["lr"],
         "train/optimizer_steps": steps,
+        # where rank 0's train phase went (the slowest rank sets the phase; ranks run the same shapes)
+        "train/forward_s": stats[0]["forward_s"],
+        "train/backward_s": stats[0]["backward_s"],
+        "train/optimizer_s": stats[0]["optimizer_s"],
     }

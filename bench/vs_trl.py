@@ -20,10 +20,13 @@ Per run, as the peer's README defines them:
   completions/s  completions of steps 2..N / their wall time (step 1 is warm-up): TRL's wall between
                  on_step_end callbacks, our driver's timing/step_s
   reward         mean of the first 5 and the last 5 steps; gain = last - first
-  peak RSS       the largest total RSS of the subprocess's process tree, polled every 0.2 s: for us the driver,
+  peak RSS       the largest total RSS of the subprocess's process tree, polled every 0.25 s: for us the driver,
                  Ray's own processes (GCS, raylet, dashboard, agents) and the actors. A page shared by several
-                 processes counts once per process in RSS, so the tree's PSS is shown too (polled every 2 s:
+                 processes counts once per process in RSS, so the tree's PSS is shown too (polled every 5 s:
                  reading /proc/PID/smaps_rollup walks page tables, ~15 ms per GB resident).
+  ceiling        TRL's step time / our train phase: the ratio we would reach if generating, scoring and
+                 syncing cost nothing. Both systems train the same model on the same tokens in fp32, so
+                 this bounds what speeding up our rollouts can give on these 2 cores.
 Prints a table per size, then one JSON line (top level: the tiny model; "50m": the 48M model; medians over
 seeds, per-seed lists under "per_seed").
 """
@@ -79,13 +82,18 @@ def _read_bytes(pid: int, what: str) -> int:
     return 0
 
 
-def peak_tree_rss(proc: subprocess.Popen, interval_s: float = 0.2, pss_every: int = 10) -> dict[str, float]:
-    """Poll the process tree of `proc` until it exits; the peaks of its summed RSS and PSS, in GiB."""
+def peak_tree_rss(proc: subprocess.Popen, interval_s: float = 0.25, rescan_every: int = 8,
+                  pss_every: int = 20) -> dict[str, float]:
+    """Poll the process tree of `proc` until it exits; the peaks of its summed RSS and PSS, in GiB.
+    The poller shares the 2 cores with the system it measures, so it does little: the tree (a scan of
+    all of /proc) is found again every 2 s, RSS read every 0.25 s, PSS (a page-table walk) every 5 s.
+    That costs about 2.5 % of one core (6 % when everything was polled every 0.2 s)."""
     peak = {"rss": 0, "pss": 0}
-    polls = 0
+    polls, pids = 0, [proc.pid]
     while proc.poll() is None:
-        pids = tree_pids(proc.pid)
-        for what in ("rss", "pss") if polls % pss_every == 0 else ("rss",):  # smaps_rollup costs more than statm
+        if polls % rescan_every == 0:
+            pids = tree_pids(proc.pid)
+        for what in ("rss", "pss") if polls % pss_every == 0 else ("rss",):
             peak[what] = max(peak[what], sum(_read_bytes(p, what) for p in pids))
         polls += 1
         time.sleep(interval_s)
@@ -128,6 +136,7 @@ def figures(walls: list[float], completions: list[float], rewards: list[float],
     first, last = statistics.mean(rewards[:k]), statistics.mean(rewards[-k:])
     keys = list(dict.fromkeys(key for i in steady for key in phases[i]))  # in the order the phases run
     return {"samples_per_s": sum(completions[i] for i in steady) / sum(walls[i] for i in steady),
+            "completions_per_step": statistics.mean(completions[i] for i in steady),
             "step_s_median": statistics.median(walls[i] for i in steady), "step1_s": walls[0],
             "reward_first5": first, "reward_last5": last, "reward_gain": last - first, "rewards": rewards,
             "phases_s": {key: statistics.mean(phases[i].get(key, 0.0) for i in steady) for key in keys}}
@@ -232,6 +241,11 @@ def report(size: str, n_params: int, steps: int, lr: float, seeds: list[int], re
                                                                            per_seed["trl_samples_per_s"])]
         print(f"ours/TRL completions/s, {size}: {out['samples_per_s_ratio']:.2f} (same seed, per seed: "
               f"{', '.join(f'{x:.2f}' for x in per_seed['samples_per_s_ratio'])})")
+        trl_step = statistics.median(r["completions_per_step"] / r["samples_per_s"] for r in res["trl"])
+        our_train = statistics.median(r["phases_s"]["train"] for r in res["ours"])
+        out["ceiling_if_rollouts_free"] = round(trl_step / our_train, 3)
+        print(f"ceiling, {size}: TRL's step {trl_step:.3f} s / our train phase {our_train:.3f} s = "
+              f"{out['ceiling_if_rollouts_free']:.2f}x, the ratio if generation, reward and sync took no time")
     return {**out, "steps": steps, "lr": lr, "seeds": seeds, "per_seed": per_seed}
 
 

@@ -22,6 +22,11 @@ def generator_env(cfg: RunConfig, device: str) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gb)  # else vLLM asks for ~92% of a node
+        if cfg.rollout.tensor_parallel_size == 1:
+            # The worker runs inside the engine-core process, as on GPU (vLLM's CPU platform otherwise forces
+            # a worker process of its own): one process less on the generator's cores and no shared-memory
+            # hop per decoding step. At 48M parameters a batch then generates in 1.35 s instead of 2.0 s.
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if cfg.rollout.threads:  # else Ray sets OMP_NUM_THREADS to the actor's CPUs
             env["OMP_NUM_THREADS"] = str(cfg.rollout.threads)
         if cfg.resources.generator_cores:  # vLLM binds its OMP threads to these cores, not to a whole NUMA node
