@@ -11,10 +11,12 @@ Generated tokens/s of
                    right after each actor batch): the engine's speed in the actor, without Ray or our conversion.
 Fair by construction: both engines get the actor's engine args from one config (--config; model.* and rollout.*,
 seed + generator index 0, logprobs_mode="processed_logprobs", no worker extension), generator_env's variables
-(same KV cache size and threads) are set before vllm is imported; both run vLLM's engine core in a process of its
-own (the actor's AsyncLLM always does, and LLM does by default), both get the same batches of
-prompt token ids (tokenized once by the run's PromptLoader) and the same SamplingParams (temperature, n,
-max_tokens, logprobs=0, per-prompt seed = batch seed + prompt.index). The prefix cache is reset before every
+(same KV cache size and threads) are set before vllm is imported. With them (VLLM_ENABLE_V1_MULTIPROCESSING=0
+at TP 1) raw's LLM runs engine core and model worker in this one process, while the actor's AsyncLLM always runs
+its engine core (worker inside) in a process of its own: raw has no process boundary at all. Both get the same
+batches of prompt token ids (tokenized once by the run's PromptLoader) and the same SamplingParams (temperature,
+n, max_tokens, logprobs=0, per-prompt seed = batch seed + prompt.index, detokenize=False; the actor then decodes
+each completion once, and raw decodes nothing). The prefix cache is reset before every
 call, so repeated prompts (--repeats) are not cheaper on one side. Tokens are counted from each side's outputs
 (EOS may end completions early). Only one engine lives at a time (2-core machine): raw runs first and is shut
 down before Ray starts. No thread settings are changed on either side; each side's torch thread count is shown.
@@ -46,8 +48,11 @@ def sampling_params(r, prompts: list, seed: int) -> list:
     """The actor's non-greedy SamplingParams (rollout/generator.py), one per prompt."""
     from vllm import SamplingParams
 
+    # detokenize=False as the actor's: it decodes each finished completion once (completion_texts), and
+    # that decoding is counted on the actor's side only
     return [SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                           max_tokens=r.max_new_tokens, logprobs=0, seed=seed + p.index) for p in prompts]
+                           max_tokens=r.max_new_tokens, logprobs=0, seed=seed + p.index, detokenize=False)
+            for p in prompts]
 
 
 def batch_seed(cfg, b: int) -> int:

@@ -241,6 +241,13 @@ def report(size: str, n_params: int, steps: int, lr: float, seeds: list[int], re
                                                                            per_seed["trl_samples_per_s"])]
         print(f"ours/TRL completions/s, {size}: {out['samples_per_s_ratio']:.2f} (same seed, per seed: "
               f"{', '.join(f'{x:.2f}' for x in per_seed['samples_per_s_ratio'])})")
+        if len(seeds) > 1:  # the issue's reward condition: ours >= TRL's minus the seeds' noise
+            margin = max(statistics.stdev(per_seed["reward_gain_ours"]), statistics.stdev(per_seed["reward_gain_trl"]))
+            out["reward_noise_margin"] = round(margin, 4)
+            out["reward_condition_met"] = out["reward_gain_ours"] >= out["reward_gain_trl"] - margin
+            print(f"reward gain, {size}: ours {out['reward_gain_ours']:.3f} vs TRL {out['reward_gain_trl']:.3f} "
+                  f"(medians); noise margin {margin:.3f} (the larger seed-to-seed standard deviation); "
+                  f"ours >= TRL - margin: {out['reward_condition_met']}")
         trl_step = statistics.median(r["completions_per_step"] / r["samples_per_s"] for r in res["trl"])
         our_train = statistics.median(r["phases_s"]["train"] for r in res["ours"])
         out["ceiling_if_rollouts_free"] = round(trl_step / our_train, 3)
@@ -267,6 +274,8 @@ def main() -> None:
                     help="ours in rollout.mode=async, the generator on core 0 and the trainer on core 1")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: report the results an earlier run saved under --out")
     args = ap.parse_args()
     out_root = Path(args.out).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -289,6 +298,9 @@ def main() -> None:
                 if getattr(args, f"skip_{system}"):
                     continue
                 out = out_root / f"{size}-s{seed}-{system}"
+                if args.report_only:
+                    res[system].append(json.loads((out / "result.json").read_text()))
+                    continue
                 out.mkdir(parents=True, exist_ok=True)
                 r = (run_trl(task, steps, lr, seed, out) if system == "trl"
                      else run_ours(task, steps, lr, seed, out, args.threads, args.compiled, args.async_pinned))
