@@ -154,12 +154,13 @@ class Generator:
         from vllm.sampling_params import RequestOutputKind
 
         r = self.cfg.rollout
+        # detokenize=False: generate_group decodes each finished completion once (completion_texts)
         if greedy:
             return SamplingParams(n=1, temperature=0.0, max_tokens=r.max_new_tokens, logprobs=0,
                                   output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)
         return SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_tokens=r.max_new_tokens, logprobs=0, seed=seed + prompt.index,
-                              output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)  # completion_texts
+                              output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)
 
     async def generate_group(self, prompt: Prompt, seed: int, greedy: bool = False) -> SampleGroup:
         """samples_per_prompt samples of one prompt (with `greedy`, one argmax completion), seeded by
