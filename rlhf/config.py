@@ -3,9 +3,9 @@
     cfg = load_config("configs/grpo_tiny.yaml", ["train.lr=1e-3", "rollout.temperature=0.8"])
 
 Every section is a frozen dataclass; the loader rejects unknown keys and values of the wrong
-type or outside their allowed set with a `ConfigError` that names the dotted key. Cross-field
-checks (batch sizes that must divide, resources that must exist) live in `RunConfig.validate`,
-which `load_config` calls once. Nothing mutates a config afterwards.
+type or outside their allowed set with a `ConfigError` that names the dotted key (the parsing
+is rlhf.config_parse). Cross-field checks (batch sizes that must divide, resources that must
+exist) live in `RunConfig.validate`, which `load_config` calls once. Nothing mutates a config afterwards.
 
 Batch-size vocabulary (used everywhere, defined once):
     prompts_per_step   prompts taken from the dataset per RL step
@@ -20,18 +20,13 @@ Batch-size vocabulary (used everywhere, defined once):
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the dotted key."""
+from rlhf.config_parse import ConfigError, from_dict, set_dotted
 
 
 @dataclass(frozen=True)
@@ -440,102 +435,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
     return from_dict(RunConfig, data).validate()
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set `a.b.c` in nested dicts; a numeric part indexes a list (`reward.functions.0.weight=2`)."""
-    parts = key.split(".")
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        child = _get(node, part, key)
-        if child is None:
-            child = {}
-            _assign(node, part, child, key)
-        if not isinstance(child, (dict, list)):
-            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
-        node = child
-    _assign(node, parts[-1], value, key)
-
-
-def _list_index(node: list, part: str, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"{key}: {part!r} is not an index of a list of {len(node)} items")
-    return int(part)
-
-
-def _get(node: Any, part: str, key: str) -> Any:
-    return node[_list_index(node, part, key)] if isinstance(node, list) else node.get(part)
-
-
-def _assign(node: Any, part: str, value: Any, key: str) -> None:
-    if isinstance(node, list):
-        node[_list_index(node, part, key)] = value
-    else:
-        node[part] = value
-
-
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from plain data, checking every key and value against the field types."""
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; known keys: {sorted(fields)}"
-            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key + ".")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{key}.{i}") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(t, v, f"{key}.{i}") for i, (t, v) in enumerate(zip(args, value)))
-    if origin in (typing.Union, types.UnionType):
-        for t in args:
-            try:
-                return _coerce(t, value, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: {value!r} does not match {tp}")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported config type {tp}")  # a bug in this file, not in the YAML
