@@ -125,7 +125,6 @@ class Generator:
         self._idle = asyncio.Event()  # set while no request is in flight
         self._idle.set()
         self._inflight: set[str] = set()
-        self.resubmitted = 0  # requests aborted by a weight update and run again
         self._delay_s = 0.0
 
     async def _complete(self, ids: list[int], params) -> tuple:
@@ -147,7 +146,7 @@ class Generator:
                     self._idle.set()
             if final is not None and not any(c.finish_reason == "abort" for c in final.outputs):
                 return final, version
-            self.resubmitted += 1
+            # aborted by a weight update: run again, on the new weights
 
     def _params(self, prompt: Prompt, seed: int, greedy: bool):
         from vllm import SamplingParams
@@ -206,19 +205,13 @@ class Generator:
         conversion to samples -> (seconds, tokens, completions, torch threads)."""
         import asyncio
         import time
-        import uuid
 
         import torch
 
-        async def one(p: Prompt):
-            async for out in self.engine.generate({"prompt_token_ids": p.ids}, self._params(p, seed, False),
-                                                  uuid.uuid4().hex):
-                final = out
-            return final
-
         t0 = time.perf_counter()
-        outs = await asyncio.gather(*(one(p) for p in prompts))
+        done = await asyncio.gather(*(self._complete(p.ids, self._params(p, seed, False)) for p in prompts))
         dt = time.perf_counter() - t0
+        outs = [out for out, _version in done]
         return dt, sum(len(c.token_ids) for o in outs for c in o.outputs), sum(len(o.outputs) for o in outs), \
             torch.get_num_threads()
 
