@@ -26,4 +26,4 @@ class Reference:
 
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         return batch_logprobs(self.model, batch, self.cfg.rollout.temperature, self.cfg.train.micro_batch_size,
-                              self.device)
+                              self.device, self.cfg.train.share_prompt_forward)

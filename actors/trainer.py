@@ -49,7 +49,7 @@ class PolicyTrainer(DeepSpeedRank):
         """This rank's share of the trainer's log-probs; all ranks call it together (ZeRO-3 gathers)."""
         self.engine.eval()
         return batch_logprobs(self.engine, batch, self.cfg.rollout.temperature, self.cfg.train.micro_batch_size,
-                              self.device)
+                              self.device, self.cfg.train.shares_prompts)
 
     def train(self, minibatches: list[TrainBatch]) -> dict[str, float]:
         """One optimizer step per mini-batch shard; returns sums the group reduces over ranks."""
@@ -64,7 +64,7 @@ class PolicyTrainer(DeepSpeedRank):
             for mb in shard.chunks(gas):
                 t0 = self._clock()
                 mask = mb.loss_mask.to(self.device)
-                logits = micro_logits(self.engine, mb, self.device)
+                logits = micro_logits(self.engine, mb, self.device, self.cfg.train.shares_prompts)
                 logp = token_logprobs(logits, mb.input_ids[:, 1:].to(self.device), self.cfg.rollout.temperature)
                 # No old log-probs: this is the batch's only update, so the policy before it is this forward's.
                 old = logp.detach() if mb.old_logprobs is None else mb.old_logprobs.to(self.device)

@@ -174,6 +174,10 @@ class TrainConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     gradient_checkpointing: bool = False
+    # Samples of one prompt (a GRPO group) run the prompt's forward once and continue it from a KV cache
+    # that gradients flow back through; same log-probs and gradients as a forward per sample. Off under
+    # ZeRO-3 (it would gather every layer twice) and with gradient checkpointing (HF drops the cache).
+    share_prompt_forward: bool = True
     # LoRA (peft) on the policy: rank 0 = full fine-tuning. Weight syncs then carry only the merged
     # weights of the target modules (actors/lora.py).
     lora_rank: int = 0
@@ -181,6 +185,10 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj")
+
+    @property
+    def shares_prompts(self) -> bool:
+        return self.share_prompt_forward and self.zero_stage != 3 and not self.gradient_checkpointing
 
 
 @dataclass(frozen=True)

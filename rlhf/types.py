@@ -56,6 +56,7 @@ class TrainBatch:
     returns: torch.Tensor | None = None  # [B, T-1] the critic's regression targets
     staleness: torch.Tensor | None = None  # [B] policy versions each sample lags the trainer (0 = on-policy)
     loss_denominator: float = 0.0  # of the whole mini-batch this is a shard of (rlhf.algorithms.aggregate)
+    prompt_lengths: torch.Tensor | None = None  # [B] tokens of each row's prompt (rows that share one share a forward)
 
     @property
     def size(self) -> int:
@@ -99,10 +100,11 @@ def collate(samples: list[Sample], pad_id: int) -> TrainBatch:
     attention_mask = torch.zeros((b, width), dtype=torch.long)
     loss_mask = torch.zeros((b, width - 1), dtype=torch.float32)
     rollout_logprobs = torch.zeros((b, width - 1), dtype=torch.float32)
+    prompt_lengths = torch.tensor([len(s.prompt.ids) for s in samples], dtype=torch.long)
     for i, s in enumerate(samples):
         p, n = len(s.prompt.ids), len(s.completion_ids)
         input_ids[i, : p + n] = torch.tensor(s.prompt.ids + s.completion_ids, dtype=torch.long)
         attention_mask[i, : p + n] = 1
         loss_mask[i, p - 1 : p - 1 + n] = 1.0  # column p-1 scores the first completion token
         rollout_logprobs[i, p - 1 : p - 1 + n] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
-    return TrainBatch(input_ids, attention_mask, loss_mask, rollout_logprobs)
+    return TrainBatch(input_ids, attention_mask, loss_mask, rollout_logprobs, prompt_lengths=prompt_lengths)
