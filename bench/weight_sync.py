@@ -103,18 +103,20 @@ def raw(group, flat: torch.Tensor) -> None:
 
 
 def measure(group, ipc, size: str, rank: int, repeats: int, bucket_mb: float) -> dict:
+    from weight_sync.group import alone_bytes
     from weight_sync.sender import WeightSender
 
+    bucket_bytes = int(bucket_mb * 2**20)
     tensors = layout_tensors(size, rank)
     sender = WeightSender(tensors, rank=0, zero_stage=0, send_dtype="bfloat16")
-    sender.attach(group if rank == 0 else None, int(bucket_mb * 2**20))
+    sender.attach(group if rank == 0 else None, bucket_bytes, alone_bytes("gloo", bucket_bytes))
     buckets, pool = sender.buckets, {}
     ipc_sender = WeightSender(tensors, rank=0, zero_stage=0, send_dtype="bfloat16")
-    ipc_sender.attach(ipc if rank == 0 else None, int(bucket_mb * 2**20))
+    ipc_sender.attach(ipc if rank == 0 else None, bucket_bytes, alone_bytes("ipc", bucket_bytes))
     ipc_pool: dict = {}
     adapters = lora_adapters(tensors)
     lora_sender = WeightSender(lambda: merged(tensors, adapters), rank=0, zero_stage=0, send_dtype="bfloat16")
-    lora_sender.attach(group if rank == 0 else None, int(bucket_mb * 2**20))
+    lora_sender.attach(group if rank == 0 else None, bucket_bytes, alone_bytes("gloo", bucket_bytes))
     lora_pool: dict = {}
     lora_bytes = sum(tensors[n].numel() * tensors[n].element_size() for n in adapters)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -122,7 +124,7 @@ def measure(group, ipc, size: str, rank: int, repeats: int, bucket_mb: float) ->
     modes = {"per_param": lambda: per_param(group, tensors, rank),
              "bucketed": lambda: bucketed(sender, group, buckets, rank, pool),
              "raw": lambda: raw(group, flat),
-             "ipc": lambda: bucketed(ipc_sender, ipc, buckets, rank, ipc_pool),
+             "ipc": lambda: bucketed(ipc_sender, ipc, ipc_sender.buckets, rank, ipc_pool),
              "lora": lambda: bucketed(lora_sender, group, lora_sender.buckets, rank, lora_pool)}
     times: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(repeats + 1):  # interleaved, so drift in the machine's load hits every mode alike

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from weight_sync.buckets import ParamMeta, pack, plan_buckets, tensor_checksums, unpack
+from weight_sync.group import alone_bytes
 
 
 def test_plan_respects_size_dtype_and_oversized_params():
@@ -12,6 +13,18 @@ def test_plan_respects_size_dtype_and_oversized_params():
     assert [[p.name for p in b.params] for b in buckets] == [["a", "b"], ["c"], ["d"], ["e"]]
     assert buckets[0].offsets == (0, 4) and buckets[0].numel == 8
     assert [b.dtype for b in buckets] == ["float32", "float32", "bfloat16", "float32"]
+
+
+
+def test_large_params_travel_alone_except_over_ipc():
+    params = [ParamMeta("norm", "float32", (2,)), ParamMeta("w1", "float32", (3,)),  # 8 B, 12 B
+              ParamMeta("mlp", "float32", (4,)),  # 16 B: at least an eighth of the 128 B bucket
+              ParamMeta("bias", "float32", (1,)), ParamMeta("w2", "float32", (3,))]
+    names = lambda buckets: [[p.name for p in b.params] for b in buckets]  # noqa: E731
+    assert alone_bytes("gloo", 128) == alone_bytes("nccl", 128) == 16
+    assert names(plan_buckets(params, 128, alone_bytes("gloo", 128))) == [["norm", "w1"], ["mlp"], ["bias", "w2"]]
+    assert alone_bytes("ipc", 128) is None  # ipc copies every bucket anyway: fewer, fuller buckets
+    assert names(plan_buckets(params, 128, alone_bytes("ipc", 128))) == [["norm", "w1", "mlp", "bias", "w2"]]
 
 
 def test_pack_unpack_round_trip():

@@ -41,8 +41,10 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def plan_buckets(params: list[ParamMeta], bucket_bytes: int) -> list[Bucket]:
-    """Consecutive params of one dtype, up to bucket_bytes each; a larger param gets a bucket alone."""
+def plan_buckets(params: list[ParamMeta], bucket_bytes: int, alone_bytes: int | None = None) -> list[Bucket]:
+    """Consecutive params of one dtype, up to bucket_bytes each; a param larger than a bucket, or of at
+    least alone_bytes, gets a bucket alone (see weight_sync.group.alone_bytes)."""
+    alone = bucket_bytes + 1 if alone_bytes is None else alone_bytes
     buckets: list[Bucket] = []
     current: list[ParamMeta] = []
 
@@ -57,11 +59,14 @@ def plan_buckets(params: list[ParamMeta], bucket_bytes: int) -> list[Bucket]:
 
     size = 0
     for p in params:
-        if current and (p.dtype != current[0].dtype or size + p.nbytes > bucket_bytes):
+        if current and (p.dtype != current[0].dtype or size + p.nbytes > bucket_bytes or p.nbytes >= alone):
             close()
             size = 0
         current.append(p)
         size += p.nbytes
+        if p.nbytes >= alone:
+            close()
+            size = 0
     close()
     return buckets
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from weight_sync.buckets import ParamMeta, pack, plan_buckets, tensor_checksums, torch_dtype
-from weight_sync.group import Pending, SyncGroup, open_group
+from weight_sync.group import Pending, SyncGroup, alone_bytes, open_group
 
 
 class WeightSender:
@@ -38,12 +38,13 @@ class WeightSender:
     def connect(self, backend: str, host: str, port: int, world_size: int, timeout_s: float,
                 bucket_bytes: int) -> None:
         group = open_group(backend, host, port, 0, world_size, timeout_s) if self.rank == 0 else None
-        self.attach(group, bucket_bytes)
+        self.attach(group, bucket_bytes, alone_bytes(backend, bucket_bytes))
 
-    def attach(self, group: SyncGroup | None, bucket_bytes: int) -> None:
-        """Use `group` (rank 0; None on other ranks) with buckets of at most bucket_bytes."""
+    def attach(self, group: SyncGroup | None, bucket_bytes: int, alone: int | None) -> None:
+        """Use `group` (rank 0; None on other ranks) with buckets of at most bucket_bytes, parameters of
+        at least `alone` bytes in buckets of their own (plan_buckets)."""
         self.group = group
-        self.buckets = plan_buckets([ParamMeta(n, d, tuple(s)) for n, d, s in self.meta()], bucket_bytes)
+        self.buckets = plan_buckets([ParamMeta(n, d, tuple(s)) for n, d, s in self.meta()], bucket_bytes, alone)
         if group is not None and self.buckets:
             # Fresh CPU buffers cost a page fault per 4 kB (more than the transfer itself on gloo), so
             # two buffers of the largest bucket are allocated once and alternate.

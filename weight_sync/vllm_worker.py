@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from weight_sync.buckets import Bucket, ParamMeta, plan_buckets
-from weight_sync.group import SyncGroup, open_group
+from weight_sync.group import SyncGroup, alone_bytes, open_group
 from weight_sync.receiver import receive_buckets
 
 
@@ -48,7 +48,8 @@ class WeightSyncWorker:
         log.addFilter(self._ws_filter)
         rank = rank_offset + self.rank  # type: ignore[attr-defined]  (the vLLM Worker's rank in its engine)
         self._ws_group = open_group(backend, host, port, rank, world_size, timeout_s)
-        self._ws_buckets = plan_buckets([ParamMeta(n, d, tuple(s)) for n, d, s in params], bucket_bytes)
+        self._ws_buckets = plan_buckets([ParamMeta(n, d, tuple(s)) for n, d, s in params], bucket_bytes,
+                                        alone_bytes(backend, bucket_bytes))
         from vllm.platforms import current_platform
 
         # On CPU, fresh buffers cost more in page faults than the transfer; keep one per bucket across
