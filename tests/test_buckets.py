@@ -65,3 +65,16 @@ def test_checksums_catch_a_flipped_bit_and_a_swap():
     swapped = flat.clone()
     swapped[[1, 4]] = swapped[[4, 1]]  # same values, other places: the plain sum alone would miss it
     assert tensor_checksums(bucket, flipped) != base and tensor_checksums(bucket, swapped) != base
+
+
+def test_free_port_avoids_ray_and_ephemeral_ports():
+    import socket
+
+    from weight_sync.group import PORT_RANGE, ephemeral_ports, free_port
+
+    low, _ = ephemeral_ports()
+    ports = {free_port("127.0.0.1") for _ in range(5)}
+    for port in ports:
+        assert PORT_RANGE[0] <= port < min(PORT_RANGE[1], low)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free

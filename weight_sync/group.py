@@ -8,6 +8,7 @@ and vLLM's own group in the workers.
 from __future__ import annotations
 
 import datetime
+import random
 import socket
 
 import torch
@@ -124,7 +125,33 @@ def alone_bytes(backend: str, bucket_bytes: int) -> int | None:
     return None if backend == "ipc" else bucket_bytes // 8
 
 
-def free_port(host: str) -> int:
+# Listening ports are chosen here and bound later by another process (a TCPStore, gloo), so another
+# socket may take them in between. The kernel hands out ephemeral ports (ip_local_port_range, 32768
+# and up by default) to every outgoing connection, and Ray's many gRPC clients make those constantly;
+# Ray's workers listen on 10002-19999. A port from the range between is taken only by an explicit bind.
+PORT_RANGE = (20000, 32768)
+_rng = random.SystemRandom()  # not the seeded global one: same-seed processes must not pick alike
+
+
+def free_port(host: str, tries: int = 50) -> int:
+    """A port on `host` that is free now, outside Ray's worker ports and the kernel's ephemeral range
+    (any free port if that range is full or overlaps the ephemeral one)."""
+    low, high = PORT_RANGE[0], min(PORT_RANGE[1], ephemeral_ports()[0])
+    for port in _rng.sample(range(low, high), min(tries, max(high - low, 0))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
