@@ -15,7 +15,6 @@ def test_plan_respects_size_dtype_and_oversized_params():
     assert [b.dtype for b in buckets] == ["float32", "float32", "bfloat16", "float32"]
 
 
-
 def test_large_params_travel_alone_except_over_ipc():
     params = [ParamMeta("norm", "float32", (2,)), ParamMeta("w1", "float32", (3,)),  # 8 B, 12 B
               ParamMeta("mlp", "float32", (4,)),  # 16 B: at least an eighth of the 128 B bucket
