@@ -52,9 +52,12 @@ def test_ray_job_submit_runs_the_tiny_job_and_exports_its_metrics(tiny_model, tm
         job = submit.stdout.strip()
         assert job.startswith("raysubmit_"), submit.stdout
 
-        # While the job runs, its gauges appear on the metrics export port, tagged with the run.
+        # While the job runs, its gauges appear on the metrics export port, tagged with the run. They
+        # reach the port in the metrics agent's reports (every second here), so one scrape may hold some
+        # of a step's gauges and not yet the others: poll until all of them are there.
+        wanted = ("ray_rlhf_reward_mean", "ray_rlhf_timing_sync_s", "ray_rlhf_sync_logprob_gap")
         exported, deadline = "", time.monotonic() + 300
-        while time.monotonic() < deadline and "ray_rlhf_reward_mean" not in exported:
+        while time.monotonic() < deadline and not all(name in exported for name in wanted):
             if _status(job, address, env) in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
             try:
