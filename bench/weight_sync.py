@@ -7,8 +7,9 @@ one gloo group through weight_sync.group (the run's own code) and move bf16 weig
 Qwen2 layouts (hundreds of tensors). For each size, the median over repeats of:
   (a) per-param: per tensor, a header message (dtype, shape) then the tensor: the shape of the
       per-parameter RPC + broadcast that peers use;
-  (b) bucketed: weight_sync's WeightSender.send and receive_buckets (plan, pack into reused buffers,
-      overlapped broadcast, unpack), without vLLM's load (the same in every mode);
+  (b) bucketed: weight_sync's WeightSender.send and receive_buckets (plan; small tensors packed into reused
+      buffers, tensors of an eighth of a bucket or more sent from their own storage; overlapped broadcast;
+      unpack), without vLLM's load (the same in every mode);
   (c) raw: one torch broadcast of one flat buffer of the same bytes, the practical limit;
   (d) ipc: (b) over the `ipc` backend (weight_sync/ipc.py: shared memory on CPU, CUDA IPC on GPU), what a
       colocated trainer and generator use: the receiver maps each bucket and copies it out;
