@@ -4,6 +4,7 @@ metadata, so only the metadata travels by RPC and only flat buffers travel over 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -44,30 +45,21 @@ def torch_dtype(name: str) -> torch.dtype:
 def plan_buckets(params: list[ParamMeta], bucket_bytes: int, alone_bytes: int | None = None) -> list[Bucket]:
     """Consecutive params of one dtype, up to bucket_bytes each; a param larger than a bucket, or of at
     least alone_bytes, gets a bucket alone (see weight_sync.group.alone_bytes)."""
-    alone = bucket_bytes + 1 if alone_bytes is None else alone_bytes
-    buckets: list[Bucket] = []
-    current: list[ParamMeta] = []
-
-    def close() -> None:
-        if current:
-            offsets, total = [], 0
-            for p in current:
-                offsets.append(total)
-                total += p.numel
-            buckets.append(Bucket(current[0].dtype, tuple(current), tuple(offsets), total))
-            current.clear()
-
+    alone = bucket_bytes if alone_bytes is None else alone_bytes  # a larger param fills a bucket anyway
+    groups: list[list[ParamMeta]] = []
     size = 0
     for p in params:
-        if current and (p.dtype != current[0].dtype or size + p.nbytes > bucket_bytes or p.nbytes >= alone):
-            close()
+        last = groups[-1] if groups else None
+        if (last is None or p.nbytes >= alone or last[0].nbytes >= alone or p.dtype != last[0].dtype
+                or size + p.nbytes > bucket_bytes):
+            groups.append([])
             size = 0
-        current.append(p)
+        groups[-1].append(p)
         size += p.nbytes
-        if p.nbytes >= alone:
-            close()
-            size = 0
-    close()
+    buckets = []
+    for group in groups:
+        offsets = list(accumulate((q.numel for q in group), initial=0))  # the last one is the total
+        buckets.append(Bucket(group[0].dtype, tuple(group), tuple(offsets[:-1]), offsets[-1]))
     return buckets
 
 

@@ -104,25 +104,30 @@ class _CudaPending(Pending):
         torch.cuda.current_stream().wait_event(self._event)
 
 
-def open_group(backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> SyncGroup:
+def group_class(backend: str) -> type[SyncGroup]:
     if backend == "gloo":
-        return GlooGroup(host, port, rank, world_size, timeout_s)
+        return GlooGroup
     if backend == "nccl":
-        return NcclGroup(host, port, rank, world_size, timeout_s)
+        return NcclGroup
     if backend == "ipc":
         from weight_sync.ipc import IpcGroup
 
-        return IpcGroup(host, port, rank, world_size, timeout_s)
+        return IpcGroup
     raise ValueError(f"unknown weight-sync backend {backend!r}; choose gloo, nccl or ipc")
+
+
+def open_group(backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> SyncGroup:
+    return group_class(backend)(host, port, rank, world_size, timeout_s)
 
 
 def alone_bytes(backend: str, bucket_bytes: int) -> int | None:
     """The size from which a parameter travels in a bucket of its own (plan_buckets), the same on the
-    sender and every receiver. gloo and NCCL send such a bucket straight from the parameter's storage
-    (WeightSender._zero_copy): packing 8 MB costs more than one more message (gloo over loopback: ~1 ms
-    a message; at 494M parameters this lifts bucketed / raw bandwidth from ~0.74 to ~0.82). The ipc
-    group copies every bucket and pays a store round trip for each, so it packs everything."""
-    return None if backend == "ipc" else bucket_bytes // 8
+    sender and every receiver. A group that may send a parameter's own storage (zero_copy_ok: gloo,
+    NCCL) sends such a bucket without packing it: packing 8 MB costs more than one more message (gloo
+    over loopback: ~0.5 ms a message; at 494M parameters bucketed / raw bandwidth went from ~0.74 to
+    ~0.82). One that copies every bucket anyway (ipc, which also pays a store round trip per bucket)
+    packs everything."""
+    return bucket_bytes // 8 if group_class(backend).zero_copy_ok else None
 
 
 # Listening ports are chosen here and bound later by another process (a TCPStore, gloo), so another
