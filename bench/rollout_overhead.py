@@ -7,13 +7,13 @@ Generated tokens/s of
   actor:           one rollout.generator.Generator actor (resources.generator_cpus CPUs), timed from this driver
                    around `ray.get(gen.generate.remote(batch, seed))`: what a run's driver pays per batch (Ray
                    submit, object transfer, the actor's conversion of outputs to SampleGroups) on top of vLLM;
-  engine in actor: the actor's own AsyncLLM on the same batch, timed inside the actor (Generator.engine_only,
+  engine in actor: the actor's own engine on the same batch, timed inside the actor (Generator.engine_only,
                    right after each actor batch): the engine's speed in the actor, without Ray or our conversion.
 Fair by construction: both engines get the actor's engine args from one config (--config; model.* and rollout.*,
 seed + generator index 0, logprobs_mode="processed_logprobs", no worker extension), generator_env's variables
 (same KV cache size and threads) are set before vllm is imported. With them (VLLM_ENABLE_V1_MULTIPROCESSING=0
-at TP 1) raw's LLM runs engine core and model worker in this one process, while the actor's AsyncLLM always runs
-its engine core (worker inside) in a process of its own: raw has no process boundary at all. Both get the same
+at TP 1) both run engine core and model worker in one process: raw's LLM in this one, the actor's LLMEngine in the
+actor's, stepped on a thread of its own (rollout/engine.py) while the actor's event loop serves Ray. Both get the same
 batches of prompt token ids (tokenized once by the run's PromptLoader) and the same SamplingParams (temperature,
 n, max_tokens, logprobs=0, per-prompt seed = batch seed + prompt.index, detokenize=False; the actor then decodes
 each completion once, and raw decodes nothing). The prefix cache is reset before every

@@ -23,9 +23,10 @@ def generator_env(cfg: RunConfig, device: str) -> dict[str, str]:
     if device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gb)  # else vLLM asks for ~92% of a node
         if cfg.rollout.tensor_parallel_size == 1:
-            # The worker runs inside the engine-core process, as on GPU (vLLM's CPU platform otherwise forces
-            # a worker process of its own): one process less on the generator's cores and no shared-memory
-            # hop per decoding step. At 48M parameters a batch then generates in 1.35 s instead of 2.0 s.
+            # Engine core and model worker run inside the actor's process, as in `vllm.LLM` (vLLM's CPU platform
+            # otherwise forces a worker process, and the engine core runs in one more): no process boundary on
+            # the generator's cores, no shared-memory hop per decoding step (rollout.engine). At 48M parameters
+            # the worker's own process alone cost a batch 2.0 s instead of 1.35 s.
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if cfg.rollout.threads:  # else Ray sets OMP_NUM_THREADS to the actor's CPUs
             env["OMP_NUM_THREADS"] = str(cfg.rollout.threads)
@@ -74,8 +75,9 @@ def completion_texts(tokenizer, prompt_ids: list[int], completions: list[list[in
 
 @ray.remote
 class Generator:
-    """An async Ray actor around vLLM's AsyncLLM: every call is a coroutine, so groups submitted one
-    by one (`generate_group`) share the engine's batches and each returns as soon as it is done.
+    """An async Ray actor around a vLLM LLMEngine stepped on a thread of its own (rollout.engine): every
+    call is a coroutine, so groups submitted one by one (`generate_group`) share the engine's batches and
+    each returns as soon as it is done.
 
     Weight updates and requests in flight (`rollout.inflight_on_update`): new requests wait at a
     gate while an update runs; with "abort" the running ones are aborted and run again on the new
@@ -86,12 +88,14 @@ class Generator:
         import asyncio
         import os
 
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        from rollout.engine import EngineThread
 
         tp = cfg.rollout.tensor_parallel_size
         if device == "cpu" and cfg.resources.generator_cores:
-            os.sched_setaffinity(0, cfg.resources.generator_cores)  # the engine-core process inherits it
+            os.sched_setaffinity(0, cfg.resources.generator_cores)  # the engine thread (and process) inherit it
         if device == "cpu" and tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind(sorted(os.sched_getaffinity(0)), tp)
         self.index = index
@@ -100,7 +104,7 @@ class Generator:
 
         # Colocated with a trainer rank: vLLM's sleep mode frees the device between rollouts (GPU only).
         self._can_sleep = cfg.resources.colocate and current_platform.is_sleep_mode_available()
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        args = EngineArgs(
             model=cfg.model.path,
             dtype=cfg.model.dtype,
             seed=cfg.seed + index,
@@ -118,7 +122,8 @@ class Generator:
             logprobs_mode="processed_logprobs",
             disable_log_stats=True,
             enable_sleep_mode=self._can_sleep,
-        ))
+        )
+        self.engine = EngineThread(lambda: LLMEngine.from_engine_args(args))
         self.version = 0
         self._open = asyncio.Event()  # cleared while a weight update runs
         self._open.set()
@@ -137,14 +142,12 @@ class Generator:
             self._inflight.add(request_id)
             self._idle.clear()
             try:
-                final = None
-                async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id):
-                    final = out  # FINAL_ONLY: the one output, at the request's end
+                final = await self.engine.generate(request_id, {"prompt_token_ids": ids}, params)
             finally:
                 self._inflight.discard(request_id)
                 if not self._inflight:
                     self._idle.set()
-            if final is not None and not any(c.finish_reason == "abort" for c in final.outputs):
+            if final is not None:
                 return final, version
             # aborted by a weight update: run again, on the new weights
 
@@ -171,7 +174,7 @@ class Generator:
             await asyncio.sleep(self._delay_s)
         samples = []
         completions = [list(c.token_ids) for c in out.outputs]
-        for c, ids, text in zip(out.outputs, completions, completion_texts(self.engine.tokenizer, prompt.ids,
+        for c, ids, text in zip(out.outputs, completions, completion_texts(self.engine.llm.tokenizer, prompt.ids,
                                                                           completions), strict=True):
             logprobs = [step[tok].logprob for tok, step in zip(ids, c.logprobs, strict=True)]
             samples.append(Sample(prompt=prompt, completion_ids=ids, rollout_logprobs=logprobs, text=text,
@@ -190,15 +193,15 @@ class Generator:
         trainer trains. False, doing nothing, where the platform has no sleep mode (CPU)."""
         if not self._can_sleep:
             return False
-        await self.engine.sleep(level=1)
+        await self.engine.call(self.engine.llm.sleep, level=1)
         return True
 
     async def wake_up(self) -> None:
-        if self._can_sleep and await self.engine.is_sleeping():
-            await self.engine.wake_up()
+        if self._can_sleep and await self.engine.call(self.engine.llm.is_sleeping):
+            await self.engine.call(self.engine.llm.wake_up)
 
     async def reset_prefix_cache(self) -> None:
-        await self.engine.reset_prefix_cache()
+        await self.engine.call(self.engine.llm.reset_prefix_cache)
 
     async def engine_only(self, prompts: list[Prompt], seed: int) -> tuple[float, int, int, int]:
         """For bench/rollout_overhead.py: the engine alone on one batch, timed here, without Ray or the
@@ -223,11 +226,11 @@ class Generator:
         self._delay_s = delay_s
 
     def num_workers(self) -> int:
-        return self.engine.vllm_config.parallel_config.world_size
+        return self.engine.llm.vllm_config.parallel_config.world_size
 
     async def init_weight_sync(self, endpoint, world_size: int, rank_offset: int, params: list,
                                bucket_bytes: int) -> None:
-        await self.engine.collective_rpc("init_weight_sync", args=(
+        await self.engine.call(self.engine.llm.collective_rpc, "init_weight_sync", args=(
             endpoint.host, endpoint.port, world_size, rank_offset, endpoint.backend, self.cfg.weight_sync.timeout_s,
             params, bucket_bytes, self.cfg.train.lora_rank > 0))
 
@@ -238,8 +241,10 @@ class Generator:
             if self._inflight and self.cfg.rollout.inflight_on_update == "abort":
                 await self.engine.abort(list(self._inflight))
             await self._idle.wait()  # bounded by the service's deadline on this call
-            reports = await self.engine.collective_rpc("receive_weights", args=(version, verify))
-            await self.engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            reports = await self.engine.call(self.engine.llm.collective_rpc, "receive_weights",
+                                             args=(version, verify))
+            # cached KV blocks were computed with the old weights
+            await self.engine.call(self.engine.llm.reset_prefix_cache)
             self.version = min(v for v, _ in reports)
         finally:
             self._open.set()
@@ -247,10 +252,10 @@ class Generator:
 
     async def corrupt_next_receive(self, name: str) -> None:
         """For tests: every worker alters tensor `name` of the next push after receiving it."""
-        await self.engine.collective_rpc("corrupt_next_receive", args=(name,))
+        await self.engine.call(self.engine.llm.collective_rpc, "corrupt_next_receive", args=(name,))
 
     async def close_weight_sync(self) -> None:
-        await self.engine.collective_rpc("close_weight_sync")
+        await self.engine.call(self.engine.llm.collective_rpc, "close_weight_sync")
 
 
 def generate_groups(generators: list, prompts: list[Prompt], seed: int, greedy: bool = False,

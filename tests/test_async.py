@@ -1,4 +1,4 @@
-"""Async (off-policy) training end to end: real Ray actors, vLLM AsyncLLM engines, DeepSpeed.
+"""Async (off-policy) training end to end: real Ray actors, vLLM engines, DeepSpeed.
 
 - max_staleness=0 in async mode trains exactly as sync mode does (same seeds, same batches);
 - with max_staleness 1 and 2 every trained sample is within the bound, and some are off-policy;
