@@ -17,7 +17,8 @@ def torch_device(device: str) -> torch.device:
 
 def micro_logits(model: torch.nn.Module, mb: TrainBatch, device: torch.device,
                  share_prompts: bool = False) -> torch.Tensor:
-    """Logits [b, t-1, V] scoring each next token of one micro-batch (grad flows if enabled).
+    """Logits [b, t-1, V] scoring each next token of one micro-batch (grad flows if enabled). The last
+    position scores no token, so it is not run (causal attention: the other logits do not depend on it).
 
     With share_prompts, rows with the same prompt (GRPO's group) run that prompt once: see
     shared_prompt_logits. Only the columns that score completion tokens are computed then; the
@@ -27,8 +28,9 @@ def micro_logits(model: torch.nn.Module, mb: TrainBatch, device: torch.device,
         plan = SharedPrompts.of(mb.input_ids, mb.prompt_lengths, mb.attention_mask.sum(-1))
         if plan.saves_tokens():
             return shared_prompt_logits(model, mb.input_ids, plan, device)
-    out = model(input_ids=mb.input_ids.to(device), attention_mask=mb.attention_mask.to(device), use_cache=False)
-    return out.logits[:, :-1]
+    out = model(input_ids=mb.input_ids[:, :-1].to(device), attention_mask=mb.attention_mask[:, :-1].to(device),
+                use_cache=False)
+    return out.logits
 
 
 def micro_logprobs(model: torch.nn.Module, mb: TrainBatch, temperature: float, device: torch.device,
@@ -48,7 +50,8 @@ class SharedPrompts:
     row_prompt: torch.Tensor  # [B] which unique prompt each row continues
     completion_ids: torch.Tensor  # [B, C] each row's tokens after its prompt, right-padded with 0
     completion_lengths: torch.Tensor  # [B]
-    source: torch.Tensor  # [B, T-1] index into cat(prompt-end logits [U], completion logits [B*C], a zero row)
+    # [B, T-1] index into cat(prompt-end logits [U], completion logits [B*(C-1)], a zero row)
+    source: torch.Tensor
 
     @classmethod
     def of(cls, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, lengths: torch.Tensor) -> SharedPrompts:
@@ -67,15 +70,16 @@ class SharedPrompts:
         c = max(int(completion_lengths.max()), 1)
         completion_ids = torch.zeros((b, c), dtype=input_ids.dtype)
         # Column k of the result scores token k+1. A row's first completion token is scored by its
-        # prompt's last position; its completion token j (j >= 1) by completion position j-1.
-        zero_row = u + b * c
+        # prompt's last position; its completion token j (j >= 1) by completion position j-1. The last
+        # completion position scores nothing and is not run: C-1 positions per row.
+        zero_row = u + b * (c - 1)
         source = torch.full((b, t - 1), zero_row, dtype=torch.long)
         for i in range(b):
             p, n = int(prompt_lengths[i]), int(completion_lengths[i])
             completion_ids[i, :n] = input_ids[i, p : p + n]
             if n > 0:
                 source[i, p - 1] = row_prompt[i]
-                source[i, p : p + n - 1] = u + i * c + torch.arange(n - 1)
+                source[i, p : p + n - 1] = u + i * (c - 1) + torch.arange(n - 1)
         return cls(prompt_ids, torch.tensor([len(k) for k in unique]), torch.tensor(row_prompt), completion_ids,
                    completion_lengths, source)
 
@@ -102,13 +106,15 @@ def shared_prompt_logits(model: torch.nn.Module, input_ids: torch.Tensor, plan: 
     cache = prompt_out.past_key_values
     cache.batch_select_indices(plan.row_prompt.to(device))  # [U, ...] -> [B, ...], differentiable
     b, c = plan.completion_ids.shape
-    completion_mask = (torch.arange(c)[None, :] < plan.completion_lengths[:, None]).long()
-    mask = torch.cat([prompt_mask[plan.row_prompt], completion_mask], dim=1)
-    positions = plan.prompt_lengths[plan.row_prompt][:, None] + torch.arange(c)[None, :]
-    out = model(input_ids=plan.completion_ids.to(device), attention_mask=mask.to(device),
-                position_ids=positions.to(device), past_key_values=cache, use_cache=True)
-    logits = out.logits  # [B, C, V]
-    table = torch.cat([prompt_end, logits.reshape(b * c, -1), logits.new_zeros(1, logits.shape[-1])])
+    parts = [prompt_end]
+    if c > 1:  # completion positions 0 .. C-2; the last scores nothing
+        completion_mask = (torch.arange(c - 1)[None, :] < plan.completion_lengths[:, None]).long()
+        mask = torch.cat([prompt_mask[plan.row_prompt], completion_mask], dim=1)
+        positions = plan.prompt_lengths[plan.row_prompt][:, None] + torch.arange(c - 1)[None, :]
+        out = model(input_ids=plan.completion_ids[:, :-1].to(device), attention_mask=mask.to(device),
+                    position_ids=positions.to(device), past_key_values=cache, use_cache=True)
+        parts.append(out.logits.reshape(b * (c - 1), -1))  # [B, C-1, V] -> rows
+    table = torch.cat([*parts, prompt_end.new_zeros(1, prompt_end.shape[-1])])
     return table[plan.source.to(device)]
 
 

@@ -216,7 +216,7 @@ class Generator:
         dt = time.perf_counter() - t0
         outs = [out for out, _version in done]
         return dt, sum(len(c.token_ids) for o in outs for c in o.outputs), sum(len(o.outputs) for o in outs), \
-            torch.get_num_threads()
+            await self.engine.call(torch.get_num_threads)  # the engine thread's
 
     def serving_version(self) -> int:
         return self.version

@@ -22,11 +22,12 @@ def test_plan_by_hand():
     assert plan.row_prompt.tolist() == [0, 1, 0]
     assert plan.completion_ids.tolist() == [[7, 8, 0], [3, 4, 2], [1, 0, 0]]
     assert plan.completion_lengths.tolist() == [2, 3, 1]
-    # table rows: 0-1 the prompts' last positions, 2 + 3 * row + j completion position j of a row, 11 zeros
-    zero = 2 + 3 * 3
+    # table rows: 0-1 the prompts' last positions, 2 + 2 * row + j completion position j (of the first 2) of
+    # a row, 8 zeros
+    zero = 2 + 3 * 2
     assert plan.source.tolist() == [
         [zero, 0, 2],  # columns score tokens 6, 7, 8: 7 from prompt 0's end, 8 from completion position 0
-        [1, 5, 6],  # scores 3 (prompt 1's end), 4 (position 0), 2 (position 1)
+        [1, 4, 5],  # scores 3 (prompt 1's end), 4 (position 0), 2 (position 1)
         [zero, 0, zero],  # scores 6, 1 (prompt 0's end), padding
     ]
     assert plan.saves_tokens()
@@ -89,4 +90,30 @@ def test_shared_forward_runs_fewer_tokens():
     model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].numel()),
                                     with_kwargs=True)
     micro_logits(model, batch, torch.device("cpu"), share_prompts=True)
-    assert seen == [plan.prompt_ids.numel(), plan.completion_ids.numel()]
+    b, c = plan.completion_ids.shape
+    assert seen == [plan.prompt_ids.numel(), b * (c - 1)]  # the last completion position scores nothing
+
+
+def test_the_plain_forward_skips_only_the_last_position():
+    batch = collate(BATCH, pad_id=0)
+    model = tiny_qwen2()
+    with torch.no_grad():
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = micro_logits(model, batch, torch.device("cpu"), share_prompts=False)
+    assert logits.shape == (batch.input_ids.shape[0], batch.input_ids.shape[1] - 1, 50)
+    mask = batch.attention_mask[:, 1:].bool()  # padded columns differ (they attend to nothing new); unused
+    torch.testing.assert_close(logits[mask], full[:, :-1][mask], atol=1e-5, rtol=1e-5)
+
+
+def test_completions_of_one_token_need_no_completion_forward():
+    one = [sample([3, 4, 5], [7], 0), sample([3, 4, 5], [8], 0), sample([6], [9], 1)]
+    batch = collate(one, pad_id=0)
+    model = tiny_qwen2()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape), with_kwargs=True)
+    with torch.no_grad():
+        plain = token_logprobs(micro_logits(model, batch, torch.device("cpu")), batch.input_ids[:, 1:], 1.0)
+        shared = token_logprobs(micro_logits(model, batch, torch.device("cpu"), share_prompts=True),
+                                batch.input_ids[:, 1:], 1.0)
+    assert seen[1:] == [(2, 3)]  # the plain forward, then only the two unique prompts
+    torch.testing.assert_close(shared * batch.loss_mask, plain * batch.loss_mask, atol=1e-5, rtol=1e-5)
