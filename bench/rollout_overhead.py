@@ -18,8 +18,10 @@ batches of prompt token ids (tokenized once by the run's PromptLoader) and the s
 n, max_tokens, logprobs=0, per-prompt seed = batch seed + prompt.index, detokenize=False; the actor then decodes
 each completion once, and raw decodes nothing). The prefix cache is reset before every
 call, so repeated prompts (--repeats) are not cheaper on one side. Tokens are counted from each side's outputs
-(EOS may end completions early). Only one engine lives at a time (2-core machine): raw runs first and is shut
-down before Ray starts. No thread settings are changed on either side; each side's torch thread count is shown.
+(EOS may end completions early). Both engines live side by side and take turns batch by batch, the side that
+goes first alternating, so that the machine's drift (10-20 % over minutes on a shared 2-core VM) hits both
+alike; an engine waiting for its turn uses no CPU. No thread settings are changed on either side; each
+side's torch thread count is shown (the actor's as seen on its engine thread).
 Medians are over the timed batches (after --warmup batches); tokens/s = timed tokens / timed seconds.
 Prints a table, then one JSON line with actor_over_raw = actor tokens/s / raw tokens/s.
 """
@@ -27,7 +29,6 @@ Prints a table, then one JSON line with actor_over_raw = actor tokens/s / raw to
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -59,61 +60,64 @@ def batch_seed(cfg, b: int) -> int:
     return cfg.seed * 1_000_003 + b * 10_007  # as the driver derives a step's seed
 
 
-def run_raw(cfg, batches: list, schedule: list) -> tuple[list, int]:
-    from rollout.generator import generator_env
+class Raw:
+    """One vllm.LLM in this process, with Generator.__init__'s engine args for generator index 0 (seed + index),
+    less its worker extension. Built after Ray has started, so that Ray's processes do not inherit
+    generator_env's variables, which are set here before vllm is imported (it reads them at import and init)."""
 
-    env_before = dict(os.environ)
-    os.environ.update(generator_env(cfg, "cpu"))  # before vllm is imported: it reads them at import and init
-    import torch
-    from vllm import LLM
+    def __init__(self, cfg):
+        from rollout.generator import generator_env
 
-    # Generator.__init__'s engine args for generator index 0 (seed + index), less its worker extension
-    llm = LLM(model=cfg.model.path, dtype=cfg.model.dtype, seed=cfg.seed, max_model_len=cfg.rollout.max_model_len,
-              enforce_eager=cfg.rollout.enforce_eager, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-              trust_remote_code=cfg.model.trust_remote_code, logprobs_mode="processed_logprobs")
-    rows = []
-    for b, timed in schedule:
-        inputs = [{"prompt_token_ids": p.ids} for p in batches[b]]
-        params = sampling_params(cfg.rollout, batches[b], batch_seed(cfg, b))
-        llm.reset_prefix_cache()
+        os.environ.update(generator_env(cfg, "cpu"))
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.llm = LLM(model=cfg.model.path, dtype=cfg.model.dtype, seed=cfg.seed,
+                       max_model_len=cfg.rollout.max_model_len, enforce_eager=cfg.rollout.enforce_eager,
+                       gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                       trust_remote_code=cfg.model.trust_remote_code, logprobs_mode="processed_logprobs")
+
+    def run(self, batch: list, seed: int) -> tuple[float, int, int]:
+        inputs = [{"prompt_token_ids": p.ids} for p in batch]
+        params = sampling_params(self.cfg.rollout, batch, seed)
+        self.llm.reset_prefix_cache()
         t0 = time.perf_counter()
-        outs = llm.generate(inputs, params, use_tqdm=False)
+        outs = self.llm.generate(inputs, params, use_tqdm=False)
         dt = time.perf_counter() - t0
-        if timed:
-            rows.append((dt, sum(len(c.token_ids) for o in outs for c in o.outputs), sum(len(o.outputs) for o in outs)))
-    threads = torch.get_num_threads()
-    llm.llm_engine.engine_core.shutdown()  # in-process engine core: frees the KV cache, undoes vLLM's gc.freeze()
-    del llm, outs
-    gc.collect()
-    os.environ.clear()
-    os.environ.update(env_before)  # Ray's processes inherit this process's environment
-    return rows, threads
+        return dt, sum(len(c.token_ids) for o in outs for c in o.outputs), sum(len(o.outputs) for o in outs)
+
+    def threads(self) -> int:
+        import torch
+
+        return torch.get_num_threads()
 
 
-def run_actor(cfg, batches: list, schedule: list) -> tuple[list, list, int]:
-    import ray
+class Actor:
+    """One rollout.generator.Generator actor (resources.generator_cpus CPUs) on a local Ray cluster."""
 
-    from rollout.generator import Generator, generator_env
+    def __init__(self, cfg):
+        import ray
 
-    ray.init(address="local", num_cpus=max(2, math.ceil(cfg.resources.generator_cpus)), include_dashboard=False)
-    gen = Generator.options(num_cpus=cfg.resources.generator_cpus,
-                            runtime_env={"env_vars": generator_env(cfg, "cpu")}).remote(0, cfg, "cpu")
-    ray.get(gen.num_workers.remote())  # the engine is up
-    rows, engine_rows, threads = [], [], 0
-    for b, timed in schedule:
-        seed = batch_seed(cfg, b)
-        ray.get(gen.reset_prefix_cache.remote())
+        from rollout.generator import Generator, generator_env
+
+        ray.init(address="local", num_cpus=max(2, math.ceil(cfg.resources.generator_cpus)), include_dashboard=False)
+        self.gen = Generator.options(num_cpus=cfg.resources.generator_cpus,
+                                     runtime_env={"env_vars": generator_env(cfg, "cpu")}).remote(0, cfg, "cpu")
+        ray.get(self.gen.num_workers.remote())  # the engine is up
+        self.engine_threads = 0
+
+    def run(self, batch: list, seed: int) -> tuple[tuple[float, int, int], tuple[float, int, int]]:
+        """(the driver's view of gen.generate, the engine alone inside the actor right after)."""
+        import ray
+
+        ray.get(self.gen.reset_prefix_cache.remote())
         t0 = time.perf_counter()
-        groups = ray.get(gen.generate.remote(batches[b], seed))
+        groups = ray.get(self.gen.generate.remote(batch, seed))
         dt = time.perf_counter() - t0
-        ray.get(gen.reset_prefix_cache.remote())
-        *engine_row, threads = ray.get(gen.engine_only.remote(batches[b], seed))
-        if timed:
-            rows.append((dt, sum(len(s.completion_ids) for g in groups for s in g.samples),
-                         sum(len(g.samples) for g in groups)))
-            engine_rows.append(tuple(engine_row))
-    ray.shutdown()
-    return rows, engine_rows, threads
+        ray.get(self.gen.reset_prefix_cache.remote())
+        *engine_row, self.engine_threads = ray.get(self.gen.engine_only.remote(batch, seed))
+        return (dt, sum(len(s.completion_ids) for g in groups for s in g.samples),
+                sum(len(g.samples) for g in groups)), tuple(engine_row)
 
 
 def summarize(rows: list) -> dict:
@@ -160,8 +164,18 @@ def main() -> None:
     schedule = [(b, False) for b in range(args.warmup)]
     schedule += [(args.warmup + b, True) for _ in range(args.repeats) for b in range(args.batches)]
 
-    raw_rows, raw_threads = run_raw(cfg, batches, schedule)
-    actor_rows, engine_rows, actor_threads = run_actor(cfg, batches, schedule)
+    actor_side = Actor(cfg)  # first: Ray's processes must not inherit generator_env's variables
+    raw_side = Raw(cfg)
+    raw_rows, actor_rows, engine_rows = [], [], []
+    for k, (b, timed) in enumerate(schedule):  # the side that goes first alternates, so drift hits both
+        for side in ((raw_side, actor_side) if k % 2 == 0 else (actor_side, raw_side)):
+            row = side.run(batches[b], batch_seed(cfg, b))
+            if timed and side is raw_side:
+                raw_rows.append(row)
+            elif timed:
+                actor_rows.append(row[0])
+                engine_rows.append(row[1])
+    raw_threads, actor_threads = raw_side.threads(), actor_side.engine_threads
     raw, actor, engine = summarize(raw_rows), summarize(actor_rows), summarize(engine_rows)
 
     print(f"\n{os.cpu_count()} CPUs, {platform.platform()}; model {cfg.model.path}; {args.prompts_per_batch} prompts "
