@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def _settle(done: asyncio.Future, value: Any, error: BaseException | None) -> None:
@@ -48,6 +51,7 @@ class EngineThread:
 
     async def call(self, fn: Callable, *args, **kwargs) -> Any:
         """fn(*args, **kwargs) on the engine thread, between two steps."""
+        self._check_alive()
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
@@ -64,8 +68,7 @@ class EngineThread:
 
     async def generate(self, request_id: str, prompt: dict, params) -> Any:
         """The request's final RequestOutput (params must ask for FINAL_ONLY), or None if it was aborted."""
-        if self._error is not None:
-            raise RuntimeError(f"the vLLM engine failed earlier: {self._error!r}") from self._error
+        self._check_alive()
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
@@ -83,6 +86,10 @@ class EngineThread:
         except asyncio.CancelledError:
             self._commands.put(lambda: self._abort([request_id]))
             raise
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the vLLM engine failed earlier: {self._error!r}") from self._error
 
     async def abort(self, request_ids: list[str]) -> None:
         """Abort these requests: their generate() calls return None. A request that finished in the step
@@ -106,16 +113,31 @@ class EngineThread:
             built.set_exception(e)
             return
         built.set_result(self.llm)
-        while True:
-            try:  # every queued command; wait for one only when nothing is generating
-                command = self._commands.get(block=not self._waiting)
-                while True:
-                    command()
-                    command = self._commands.get_nowait()
-            except queue.Empty:
-                pass
-            if self._waiting:
-                self._step()
+        try:
+            while True:
+                try:  # every queued command; wait for one only when nothing is generating
+                    command = self._commands.get(block=not self._waiting)
+                    while True:
+                        self._run(command)
+                        command = self._commands.get_nowait()
+                except queue.Empty:
+                    pass
+                if self._waiting:
+                    self._step()
+        except BaseException as e:  # the thread ends: its waiters get the error, later calls are refused
+            self._error = e
+            for request_id in list(self._waiting):
+                self._answer(request_id, None, e)
+            raise
+
+    @staticmethod
+    def _run(command: Callable[[], None]) -> None:
+        """Commands hand their errors to their callers; one that has no caller (the abort of a cancelled
+        request) must not end the thread either."""
+        try:
+            command()
+        except Exception:  # noqa: BLE001
+            logger.exception("vLLM engine thread: a command without a caller failed")
 
     def _step(self) -> None:
         try:

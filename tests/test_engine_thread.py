@@ -23,6 +23,7 @@ class FakeEngine:
         self.threads: set[int] = set()
         self.calls: list[str] = []
         self.fail_step = False
+        self.fail_abort = False
         self.drop = False
 
     def add_request(self, request_id, prompt, params):
@@ -52,6 +53,8 @@ class FakeEngine:
 
     def abort_request(self, request_ids):
         self.threads.add(threading.get_ident())
+        if self.fail_abort:
+            raise RuntimeError("abort failed")
         self.calls.append(f"abort {','.join(request_ids)}")
         for request_id in request_ids:
             self.running.pop(request_id, None)
@@ -148,6 +151,22 @@ def test_a_cancelled_request_is_aborted_in_the_engine():
 
     assert run(main()) == "after"
     assert "abort a" in fake.calls and not fake.running
+
+
+def test_a_failing_abort_without_a_caller_does_not_end_the_engine_thread():
+    fake = FakeEngine({"a": 10**9})
+    fake.fail_abort = True
+    engine = EngineThread(lambda: fake)
+
+    async def main():
+        task = asyncio.ensure_future(engine.generate("a", {"prompt_token_ids": [1]}, None))
+        await asyncio.sleep(0.05)
+        task.cancel()  # its abort raises on the engine thread, with nobody to hand the error to
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await asyncio.wait_for(engine.call(fake.echo, "still serving"), timeout=10)
+
+    assert run(main()) == "still serving"
 
 
 def test_an_engine_that_fails_to_build_raises_in_the_constructor():
