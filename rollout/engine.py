@@ -47,45 +47,42 @@ class EngineThread:
         self._error: BaseException | None = None
         built: concurrent.futures.Future = concurrent.futures.Future()
         threading.Thread(target=self._serve, args=(make, built), name="vllm-engine", daemon=True).start()
-        self.llm = built.result()
+        built.result()  # raises what make() raised; on success the thread has set self.llm
 
     async def call(self, fn: Callable, *args, **kwargs) -> Any:
         """fn(*args, **kwargs) on the engine thread, between two steps."""
+        return await self._on_thread(lambda _waiter: fn(*args, **kwargs), answer=True)
+
+    async def generate(self, request_id: str, prompt: dict, params) -> Any:
+        """The request's final RequestOutput (params must ask for FINAL_ONLY), or None if it was aborted."""
+        def add(waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future]) -> None:
+            self.llm.add_request(request_id, prompt, params)  # e.g. a prompt over max_model_len raises
+            self._waiting[request_id] = waiter  # answered when the request finishes or is aborted
+
+        try:
+            return await self._on_thread(add, answer=False)
+        except asyncio.CancelledError:
+            self._commands.put(lambda: self._abort([request_id]))
+            raise
+
+    async def _on_thread(self, fn: Callable[[tuple], Any], answer: bool) -> Any:
+        """fn((this loop, a future)) on the engine thread; what it raises is raised here. With `answer`, its
+        result is returned; otherwise fn keeps the pair, and whoever settles the future answers."""
         self._check_alive()
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
         def command() -> None:
             try:
-                result = fn(*args, **kwargs)
+                result = fn((loop, done))
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 loop.call_soon_threadsafe(_settle, done, None, e)
             else:
-                loop.call_soon_threadsafe(_settle, done, result, None)
+                if answer:
+                    loop.call_soon_threadsafe(_settle, done, result, None)
 
         self._commands.put(command)
         return await done
-
-    async def generate(self, request_id: str, prompt: dict, params) -> Any:
-        """The request's final RequestOutput (params must ask for FINAL_ONLY), or None if it was aborted."""
-        self._check_alive()
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def add() -> None:
-            try:
-                self.llm.add_request(request_id, prompt, params)  # e.g. a prompt over max_model_len raises
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                loop.call_soon_threadsafe(_settle, done, None, e)
-            else:
-                self._waiting[request_id] = (loop, done)
-
-        self._commands.put(add)
-        try:
-            return await done
-        except asyncio.CancelledError:
-            self._commands.put(lambda: self._abort([request_id]))
-            raise
 
     def _check_alive(self) -> None:
         if self._error is not None:

@@ -230,9 +230,9 @@ class Generator:
 
     async def init_weight_sync(self, endpoint, world_size: int, rank_offset: int, params: list,
                                bucket_bytes: int) -> None:
-        await self.engine.call(self.engine.llm.collective_rpc, "init_weight_sync", args=(
-            endpoint.host, endpoint.port, world_size, rank_offset, endpoint.backend, self.cfg.weight_sync.timeout_s,
-            params, bucket_bytes, self.cfg.train.lora_rank > 0))
+        await self._workers("init_weight_sync", endpoint.host, endpoint.port, world_size, rank_offset,
+                            endpoint.backend, self.cfg.weight_sync.timeout_s, params, bucket_bytes,
+                            self.cfg.train.lora_rank > 0)
 
     async def receive_weights(self, version: int, verify: bool) -> list[tuple[int, list[int] | None]]:
         """Every worker's (served version, per-tensor checksums or None); the service checks them."""
@@ -241,8 +241,7 @@ class Generator:
             if self._inflight and self.cfg.rollout.inflight_on_update == "abort":
                 await self.engine.abort(list(self._inflight))
             await self._idle.wait()  # bounded by the service's deadline on this call
-            reports = await self.engine.call(self.engine.llm.collective_rpc, "receive_weights",
-                                             args=(version, verify))
+            reports = await self._workers("receive_weights", version, verify)
             # cached KV blocks were computed with the old weights
             await self.engine.call(self.engine.llm.reset_prefix_cache)
             self.version = min(v for v, _ in reports)
@@ -252,10 +251,14 @@ class Generator:
 
     async def corrupt_next_receive(self, name: str) -> None:
         """For tests: every worker alters tensor `name` of the next push after receiving it."""
-        await self.engine.call(self.engine.llm.collective_rpc, "corrupt_next_receive", args=(name,))
+        await self._workers("corrupt_next_receive", name)
 
     async def close_weight_sync(self) -> None:
-        await self.engine.call(self.engine.llm.collective_rpc, "close_weight_sync")
+        await self._workers("close_weight_sync")
+
+    async def _workers(self, method: str, *args) -> list:
+        """Every vLLM worker's answer to `method` of the weight-sync extension (weight_sync.vllm_worker)."""
+        return await self.engine.call(self.engine.llm.collective_rpc, method, args=args)
 
 
 def generate_groups(generators: list, prompts: list[Prompt], seed: int, greedy: bool = False,
