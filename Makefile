@@ -14,7 +14,7 @@ lint: install
 	$(ENV) ruff check .
 
 test: install lint
-	$(ENV) python -m pytest -ra
+	$(ENV) python -m pytest -ra --durations=15
 
 test-fast: install  ## the tests that start no actors, engines or clusters
 	$(ENV) python -m pytest -ra -m "not slow"

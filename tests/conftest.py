@@ -10,12 +10,26 @@ from pathlib import Path
 
 import pytest
 
+from tests import quiet
+
 REPO = Path(__file__).resolve().parents[1]
 TASK = REPO / "examples" / "charset"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running():
+    """Fails a test that leaves a thread or process using CPU once it has finished (tests/quiet.py):
+    on 2 cores one spinning leftover slows every later test, and the suite's timing with it."""
+    yield
+    if quiet.enabled():
+        left = quiet.busy_after_test()
+        if left:
+            pytest.fail(f"the test left work running {quiet.DEADLINE_S:g} s after it ended: {quiet.describe(left)}",
+                        pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +48,16 @@ def tiny_overrides(model: Path, tmp: Path, **extra) -> list[str]:
              "logging.wandb": "disabled", "reward.functions.0.fn": f"{TASK / 'reward.py'}:charset_reward"}
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_model(tmp_path_factory) -> Path:
+    """The tiny model with its output layer tied to the input embedding, as SmolLM2, Qwen2.5-0.5B and Llama-3.2 do."""
+    from rlhf.tiny_model import build
+
+    out = tmp_path_factory.mktemp("tiny-tied-model")
+    build(out, corpus=TASK / "prompts.jsonl", tie_word_embeddings=True)
+    return out
 
 
 @pytest.fixture(scope="session")
