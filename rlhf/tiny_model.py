@@ -35,7 +35,7 @@ def corpus_texts(corpus: Path | None) -> list[str]:
 
 
 def build(out: Path, corpus: Path | None = None, size: str = "tiny", vocab_size: int = 1000, seed: int = 1234,
-          max_position_embeddings: int = 1024) -> dict:
+          max_position_embeddings: int = 1024, tie_word_embeddings: bool = False) -> dict:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -56,15 +56,16 @@ def build(out: Path, corpus: Path | None = None, size: str = "tiny", vocab_size:
 
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=len(tokenizer), head_dim=64, max_position_embeddings=max_position_embeddings,
-                         tie_word_embeddings=False, use_sliding_window=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SIZES[size])
+                         tie_word_embeddings=tie_word_embeddings, use_sliding_window=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **SIZES[size])
     model = Qwen2ForCausalLM(config).float()
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out, safe_serialization=True)
     info = {"path": str(out), "size": size, "parameters": sum(p.numel() for p in model.parameters()),
-            "vocab_size": len(tokenizer)}
+            "vocab_size": len(tokenizer), "tie_word_embeddings": tie_word_embeddings}
     (out / "tiny_model.json").write_text(json.dumps(info, indent=1))
     return info
 
@@ -91,12 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", default="tiny", choices=sorted(SIZES))
     ap.add_argument("--vocab-size", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--tie", action="store_true", help="tie the output layer to the input embedding (as most "
+                    "small instruct models do)")
     ap.add_argument("--reward-model", action="store_true", help="a sequence-classification reward model instead")
     args = ap.parse_args(argv)
     if args.reward_model:
         print(json.dumps(build_reward_model(args.out, args.corpus, args.seed)))
     else:
-        print(json.dumps(build(args.out, args.corpus, args.size, args.vocab_size, args.seed)))
+        print(json.dumps(build(args.out, args.corpus, args.size, args.vocab_size, args.seed,
+                                    tie_word_embeddings=args.tie)))
 
 
 if __name__ == "__main__":

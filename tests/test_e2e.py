@@ -177,11 +177,16 @@ def test_grpo_run_end_to_end_raises_the_reward_with_a_user_reward_file(ray_clust
     assert summary["reward_last5_mean"] - summary["reward_first5_mean"] >= 0.15, summary
 
 
-def test_two_rank_zero3_run_with_reference_keeps_generator_in_sync(ray_cluster, tiny_model, tmp_path):
-    """ZeRO-3 over 2 ranks gathers parameters bucket by bucket for the sync; the reference adds k3 KL."""
+def test_two_rank_zero3_run_with_reference_keeps_generator_in_sync(ray_cluster, tiny_tied_model, tmp_path):
+    """ZeRO-3 over 2 ranks gathers parameters bucket by bucket for the sync; the reference adds k3 KL. The
+    model ties its output layer to its embedding: a sync carries that weight once, under the embedding's
+    name, and the generator's output layer must compute with it too (the gap grows step by step if not)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
     import rlhf
 
-    cfg = load_config(TINY, tiny_overrides(tiny_model, tmp_path, **{
+    cfg = load_config(TINY, tiny_overrides(tiny_tied_model, tmp_path, **{
         "steps": 3, "train.ranks": 2, "train.zero_stage": 3, "train.micro_batch_size": 8,
         "train.threads": 1, "algorithm.kl_coef": 0.05, "weight_sync.bucket_mb": 1}))
     summary = rlhf.run(cfg)
@@ -191,6 +196,14 @@ def test_two_rank_zero3_run_with_reference_keeps_generator_in_sync(ray_cluster, 
     assert max(r["policy/first_ratio_max_dev"] for r in rows) < 1e-6
     assert rows[0]["kl/ref"] < 1e-6 < rows[-1]["kl/ref"]  # policy == reference until it trains
     assert all(r["loss/kl"] > 0 for r in rows[1:])
+    saved = Path(summary["run_dir"]).parent / cfg.name / "checkpoints" / "step-000003" / "policy_hf"
+    model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    with safe_open(str(saved / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # the tie is kept, not one trained copy beside a stale one
+        trained = f.get_tensor("model.embed_tokens.weight")
+    start = AutoModelForCausalLM.from_pretrained(tiny_tied_model, dtype=torch.float32).model.embed_tokens.weight
+    assert (trained - start).abs().max() > 0
 
 
 @pytest.mark.parametrize("algo", ["rloo", "reinforce_pp"])

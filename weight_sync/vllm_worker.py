@@ -14,22 +14,71 @@ from weight_sync.group import SyncGroup, alone_bytes, open_group
 from weight_sync.receiver import receive_buckets
 
 
-class _RotaryReloadFilter(logging.Filter):
-    """vLLM's layerwise reload warns "RotaryEmbedding: Failed to load weights" on every reload: the
-    rotary cos/sin cache is a buffer no checkpoint holds, and vLLM puts it back untouched. The per-step
-    log-prob gap (~3e-7 after each sync) shows positions are intact, so only that line is dropped.
-    With `partial` (LoRA syncs carry only the adapted modules) the same line for every module left
-    out is dropped too: those modules keep their weights, and the log-prob gap still checks the rest."""
+class _ReloadFilter(logging.Filter):
+    """vLLM's layerwise reload warns "<Layer>: Failed to load weights" for every layer a reload leaves
+    alone, where here that is by design: the rotary cos/sin cache is a buffer no checkpoint holds, and
+    vLLM puts it back untouched; a tied output layer shares the embedding's weight, which a sync carries
+    under the embedding's name (and which `repack_shared_weights` re-packs). The per-step log-prob gap
+    checks that both are intact, so only those lines are dropped. With `partial` (LoRA syncs carry only
+    the adapted modules) the same line for every module left out is dropped too: those modules keep
+    their weights, and the log-prob gap still checks the rest."""
 
-    def __init__(self, partial: bool = False):
+    def __init__(self, expected: tuple[str, ...], partial: bool = False):
         super().__init__()
+        self.expected = tuple(f"{layer}: Failed to load weights" for layer in expected)
         self.partial = partial
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if message.startswith("RotaryEmbedding: Failed to load weights"):
+        if message.startswith(self.expected):
             return False
         return not (self.partial and message.endswith(": Failed to load weights"))
+
+
+def repack_shared_weights(model: torch.nn.Module) -> list[str]:
+    """Re-pack the CPU kernels of every layer whose weight another layer shares: a tied output layer.
+
+    vLLM's CPU linear kernels compute from their own packed copy of a weight (a oneDNN handle made by
+    `process_weights_after_loading`). A tied `lm_head` holds `embed_tokens.weight` itself, and the
+    checkpoint (and every sync) carries that tensor only once, under the embedding's name; a layerwise
+    reload re-processes a layer only when its own weights arrive, so the embedding's values change while
+    the output layer keeps computing logits from the packed copy of the first weights. Nothing fails:
+    the generator silently samples from a policy whose output layer never trains. Returns the names
+    of the layers re-packed."""
+    repacked = []
+    for group in shared_weight_groups(model):
+        for name, module in group:
+            module.quant_method.process_weights_after_loading(module)
+            repacked.append(name)
+    return repacked
+
+
+def shared_weight_groups(model: torch.nn.Module) -> list[list[tuple[str, torch.nn.Module]]]:
+    """The layers with a kernel (`quant_method`) that hold one weight between them, in module order:
+    the first is the one a checkpoint names the weight after (embed_tokens), the others alias it."""
+    sharing: dict[int, list[tuple[str, torch.nn.Module]]] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and getattr(module, "quant_method", None) is not None:
+            sharing.setdefault(id(weight), []).append((name, module))
+    return [group for group in sharing.values() if len(group) > 1]
+
+
+def check_shared_kernels(model: torch.nn.Module) -> None:
+    """Raise unless every layer that shares a weight computes with the weight it holds now: its kernel's
+    output on a probe input against `F.linear` with the live weight (relative to the output's scale;
+    kernels in bf16/fp16 round more)."""
+    generator = torch.Generator().manual_seed(0)
+    for group in shared_weight_groups(model):
+        for name, module in group:
+            weight = module.weight
+            probe = torch.randn(4, weight.shape[1], generator=generator).to(weight.dtype)
+            want = torch.nn.functional.linear(probe, weight).float()
+            got = module.quant_method.apply(module, probe).float()
+            error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+            if error > (1e-4 if weight.dtype == torch.float32 else 3e-2):
+                raise RuntimeError(f"after the push, {name} computes with other weights than the {tuple(weight.shape)} "
+                                   f"weight it shares with {group[0][0]} (relative error {error:.2g})")
 
 
 class WeightSyncWorker:
@@ -44,7 +93,9 @@ class WeightSyncWorker:
         log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
         if getattr(self, "_ws_filter", None) is not None:  # a reconnect: one filter, not one per group
             log.removeFilter(self._ws_filter)
-        self._ws_filter = _RotaryReloadFilter(partial)
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        aliases = {type(m).__name__ for group in shared_weight_groups(model) for _, m in group[1:]}
+        self._ws_filter = _ReloadFilter(("RotaryEmbedding", *sorted(aliases)), partial)
         log.addFilter(self._ws_filter)
         rank = rank_offset + self.rank  # type: ignore[attr-defined]  (the vLLM Worker's rank in its engine)
         self._ws_group = open_group(backend, host, port, rank, world_size, timeout_s)
@@ -81,6 +132,9 @@ class WeightSyncWorker:
             # vLLM's CPU backend repacks Linear weights for its kernels and empties the originals, so
             # in-place load_weights cannot work; reload_weights re-runs the repacking on the new tensors.
             runner.reload_weights(weights_iterator=tensors)
+            repack_shared_weights(runner.model)
+            if verify:
+                check_shared_kernels(runner.model)
         else:
             runner.model.load_weights(tensors)  # the in-place fast path
         consumed = loaded
