@@ -42,7 +42,8 @@ class DataConfig:
     split: str = "train"
     subset: str = ""  # the dataset's configuration name, for hub datasets that have several (gsm8k: "main")
     prompt_key: str = "prompt"
-    apply_chat_template: bool = False
+    apply_chat_template: bool = False  # a string prompt becomes a user message; a list of messages is taken as it is
+    system_prompt: str = ""  # with apply_chat_template: a system message before prompts that have none
     shuffle: bool = False  # in-order batches make reward curves repeatable (see README)
     max_prompt_tokens: int = 256
 
@@ -198,7 +199,16 @@ class WeightSyncConfig:
     bucket_mb: float = 64.0
     timeout_s: float = 120.0  # bounds every RPC and collective of a sync; a late generator is named
     verify: bool = False  # compare per-tensor checksums of sender and receivers after every push
-    logprob_gap_alarm: float = 0.1  # warn when mean |trainer - generator| log-prob exceeds this
+    # Mean |trainer - generator| log-prob of the sampled tokens above which the generator is taken not to serve
+    # the trainer's weights. 0 = by model.dtype (GAP_ALARM_BY_DTYPE).
+    logprob_gap_alarm: float = 0.0
+    on_gap_alarm: Literal["warn", "raise"] = "warn"  # raise: the run stops at the first step over the alarm
+
+
+# Same weights, fp32 on CPU: 2e-7 - 1e-6 on the tiny models, ~2e-5 on SmolLM2-135M; a generator whose tied output
+# layer kept its first weights measured 4e-3 - 1e-2 on SmolLM2 (lr 2e-5) and 6e-2 - 1e-1 on the tied tiny model.
+# bf16 kernels round at ~4e-3 per value, and their gap reaches ~1e-2 with the weights in sync.
+GAP_ALARM_BY_DTYPE = {"float32": 1e-3, "bfloat16": 0.1}
 
 
 @dataclass(frozen=True)
@@ -257,6 +267,7 @@ class LoggingConfig:
     output_dir: str = "runs"
     wandb: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "rlhf"
+    samples_per_step: int = 4  # completions per step written to samples.jsonl (and wandb's `samples` table); 0 = off
 
 
 @dataclass(frozen=True)
@@ -276,6 +287,11 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def gap_alarm(self) -> float:
+        """The trainer-vs-generator log-prob gap that counts as a desync (weight_sync.logprob_gap_alarm)."""
+        return self.weight_sync.logprob_gap_alarm or GAP_ALARM_BY_DTYPE[self.model.dtype]
 
     @property
     def rollout_batch_size(self) -> int:
@@ -356,6 +372,7 @@ class RunConfig:
         need(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
         need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         need(self.eval.every >= 0, "eval.every", "must be >= 0")
+        need(self.logging.samples_per_step >= 0, "logging.samples_per_step", "must be >= 0")
         need(not self.eval.every or bool(self.eval.data.path), "eval.data.path", "is required when eval.every > 0")
         need(self.eval.num_prompts > 0, "eval.num_prompts", "must be > 0")
         for i, r in enumerate(self.reward.functions):
@@ -414,7 +431,7 @@ class RunConfig:
         need(0 <= self.algorithm.lam <= 1, "algorithm.lam", "must be in [0, 1]")
         need(self.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be > 0")
         need(self.weight_sync.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
-        need(self.weight_sync.logprob_gap_alarm > 0, "weight_sync.logprob_gap_alarm", "must be > 0")
+        need(self.weight_sync.logprob_gap_alarm >= 0, "weight_sync.logprob_gap_alarm", "must be >= 0 (0: by dtype)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -444,4 +461,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return from_dict(RunConfig, data).validate()
+    return from_dict(RunConfig, inherit_eval_prompt_format(data)).validate()
+
+
+EVAL_INHERITS = ("prompt_key", "apply_chat_template", "system_prompt", "max_prompt_tokens")
+
+
+def inherit_eval_prompt_format(data: dict[str, Any]) -> dict[str, Any]:
+    """Held-out prompts are rendered like the training prompts: each of EVAL_INHERITS that `data` sets
+    and `eval.data` does not, `eval.data` takes from `data` (a chat model asked in plain text answers
+    something else than what it is trained to answer)."""
+    train, evaluation = data.get("data"), data.get("eval")
+    if not isinstance(train, dict) or not isinstance(evaluation, dict) or not isinstance(evaluation.get("data"), dict):
+        return data  # nothing to inherit, or a shape from_dict will name
+    inherited = {k: train[k] for k in EVAL_INHERITS if k in train and k not in evaluation["data"]}
+    return {**data, "eval": {**evaluation, "data": {**evaluation["data"], **inherited}}}

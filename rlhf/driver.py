@@ -153,7 +153,8 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
             # 7. log
             m.update(rollout_metrics(samples, batch, m.get("timing/generate_s", m["rollout/interval_s"])))
             if "sync/logprob_gap" in m:  # absent when no sample of the batch came from the trainer's weights
-                m["sync/gap_alarm"] = gap_alarm(m["sync/logprob_gap"], cfg.weight_sync.logprob_gap_alarm, step)
+                m["sync/gap_alarm"] = gap_alarm(m["sync/logprob_gap"], cfg.gap_alarm, step,
+                                                cfg.weight_sync.on_gap_alarm == "raise")
             m["fault/generator_restarts"] = float(topo.generator_restarts)
             m["buffer/staleness_max"] = staleness.max().item()  # versions behind the trainer
             m["buffer/staleness_mean"] = staleness.mean().item()
@@ -167,6 +168,7 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
             m["timing/idle_s"] = m["timing/step_s"] - sum(v for k, v in m.items() if k.startswith("timing/")
                                                           and k.endswith("_s") and k != "timing/step_s")
             log.log(step, m)
+            log.log_samples(step, samples)  # what the model wrote: samples.jsonl, wandb's `samples` table
 
             # 9. checkpoint
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
@@ -247,14 +249,21 @@ def rollout_metrics(samples: list[Sample], batch: TrainBatch, generate_s: float)
     return m
 
 
-def gap_alarm(gap: float, threshold: float, step: int) -> float:
-    """1.0 (and a warning) when trainer and generator disagree on the sampled tokens' log-probs."""
+def gap_alarm(gap: float, threshold: float, step: int, stop: bool) -> float:
+    """1.0 (and a warning, or with `stop` a WeightDesync) when trainer and generator disagree on the
+    sampled tokens' log-probs by more than `threshold`."""
     if gap <= threshold:
         return 0.0
-    print(f"WARNING step {step}: trainer and generator log-probs differ by {gap:.3g} > "
-          f"weight_sync.logprob_gap_alarm={threshold:g}: the generator may not serve the trainer's weights",
-          flush=True)
+    message = (f"step {step}: trainer and generator log-probs differ by {gap:.3g} > weight_sync.logprob_gap_alarm="
+               f"{threshold:g}: the generator does not serve the trainer's weights")
+    if stop:
+        raise WeightDesync(message + " (weight_sync.on_gap_alarm=raise)")
+    print(f"WARNING {message}", flush=True)
     return 1.0
+
+
+class WeightDesync(RuntimeError):
+    """The generators sample from other weights than the trainer's (weight_sync.on_gap_alarm=raise)."""
 
 
 @contextlib.contextmanager
