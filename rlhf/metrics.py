@@ -1,4 +1,4 @@
-"""The run directory and everything a run reports: console lines, metrics.jsonl, summary.json, wandb."""
+"""The run directory and everything a run reports: console lines, metrics.jsonl, samples.jsonl, summary.json, wandb."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from rlhf.config import RunConfig
+from rlhf.types import Sample
 
 CONSOLE = [  # (metric key, label, format) for the one-line-per-step console output
     ("reward/mean", "reward", "{:.3f}"),
@@ -54,6 +55,17 @@ class RayMetrics:
             self._gauges[key].set(float(value), tags={"run": self.run})
 
 
+def spread_indices(n: int, k: int) -> list[int]:
+    """min(k, n) distinct indices evenly spaced over range(n), from 0: floor(i * n / k) for i < min(k, n).
+
+    Deterministic, and spread over the whole batch rather than its first groups: a rollout batch is
+    groups of samples_per_prompt, so with k dividing the number of groups (32 samples in groups of 4,
+    k = 4: 0, 8, 16, 24) it is the first sample of every (groups / k)-th group. k >= n gives every index.
+    """
+    k = min(k, n)
+    return [i * n // k for i in range(k)]
+
+
 class RunLog:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -65,6 +77,7 @@ class RunLog:
         self.rows: list[dict[str, Any]] = []
         self.t0 = time.time()
         self.wandb = self._init_wandb()
+        self._samples_table: Any = None  # wandb's `samples` table, created with its first rows
         self.ray_metrics = RayMetrics(self.dir.name)
         print(f"run directory: {self.dir}", flush=True)
 
@@ -92,6 +105,28 @@ class RunLog:
         parts += [f"{label} {fmt.format(metrics[k])}" for k, label, fmt in CONSOLE if k in metrics]
         print(" | ".join(parts), flush=True)
 
+    def log_samples(self, step: int, samples: list[Sample]) -> None:
+        """logging.samples_per_step of the step's trained samples (spread_indices over the batch), one JSON
+        object per sample appended to samples.jsonl and, with wandb on, as rows of the `samples` table."""
+        picked = [samples[i] for i in spread_indices(len(samples), self.cfg.logging.samples_per_step)]
+        if not picked:
+            return
+        rows = [sample_row(step, s) for s in picked]
+        with open(self.dir / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        if self.wandb is not None:
+            import wandb
+
+            if self._samples_table is None:
+                # One INCREMENTAL table, logged every step: W&B's docs recommend it for rows added during
+                # training. Each log uploads only the new rows (re-logging a MUTABLE table uploads it
+                # whole every step) and the UI can step through the increments. Components vary per
+                # sample (shaping terms), so they travel as one JSON string column.
+                self._samples_table = wandb.Table(columns=list(rows[0]), log_mode="INCREMENTAL")
+            for r in rows:
+                self._samples_table.add_data(*[json.dumps(v) if isinstance(v, dict) else v for v in r.values()])
+            self.wandb.log({"samples": self._samples_table}, step=step)
+
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         wall = time.time() - self.t0
         rewards = [r["reward/mean"] for r in self.rows]
@@ -115,6 +150,14 @@ class RunLog:
         print("summary: " + json.dumps(summary), flush=True)
         print(f"run directory: {self.dir}", flush=True)
         return summary
+
+
+def sample_row(step: int, s: Sample) -> dict[str, Any]:
+    """One line of samples.jsonl (and one row of the wandb table, in this column order)."""
+    return {"step": step, "prompt_index": s.prompt.index, "prompt": s.prompt.text, "completion": s.text,
+            "reward": s.reward, "reward_components": dict(s.reward_components),
+            "completion_tokens": len(s.completion_ids), "truncated": s.truncated,
+            "policy_version": s.policy_version}
 
 
 def _jsonable(v: Any) -> Any:
