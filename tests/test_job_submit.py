@@ -37,8 +37,19 @@ def _status(job: str, address: str, env: dict) -> str:
     return found[-1].upper() if found else "UNKNOWN"
 
 
+# What the test checks (gauges exported while the job runs, the job SUCCEEDED, its log) needs a short job, not a
+# long run. The gauges are scraped while the job runs: from the first step's gauges to the job's end, 11 steps and
+# the teardown (>= 10 s here, longer on a slower machine) against the metrics agent's 1 s report interval.
+# (A finished driver's gauges are not exported any more, so the scrape cannot wait for the job to end.)
+STEPS = 12
+# Deadlines guard against hangs only: the job's start (runtime env, vLLM and DeepSpeed start-up: ~25 s here, say
+# 4x that on a slow or busy machine) plus STEPS at 30 s each (a tiny step takes 0.5-1 s alone here, 5-10 s was
+# seen on a slower 2-core machine inside the suite).
+JOB_DEADLINE_S = 120 + STEPS * 30
+
+
 def test_ray_job_submit_runs_the_tiny_job_and_exports_its_metrics(tiny_model, tmp_path):
-    env = {**os.environ, **PORTS, "RAY_AUTH_MODE": "token", "RAY_NUM_CPUS": "4",
+    env = {**os.environ, **PORTS, "RAY_AUTH_MODE": "token", "RAY_NUM_CPUS": "2",
            "RAY_metrics_report_interval_ms": "1000"}
     address = f"http://127.0.0.1:{PORTS['RAY_DASHBOARD_PORT']}"
     metrics_url = f"http://127.0.0.1:{PORTS['RAY_METRICS_PORT']}/metrics"
@@ -47,31 +58,33 @@ def test_ray_job_submit_runs_the_tiny_job_and_exports_its_metrics(tiny_model, tm
         submit = subprocess.run(
             ["bash", "scripts/submit.sh", "--no-wait", "--", "python", "-m", "rlhf.train", "--config",
              "configs/grpo_tiny.yaml", f"model.path={tiny_model}", f"logging.output_dir={tmp_path}",
-             "logging.wandb=disabled", "steps=40"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+             "logging.wandb=disabled", f"steps={STEPS}"], cwd=REPO, env=env, capture_output=True, text=True,
+            timeout=180)
         assert submit.returncode == 0, submit.stderr
         job = submit.stdout.strip()
         assert job.startswith("raysubmit_"), submit.stdout
 
-        # While the job runs, its gauges appear on the metrics export port, tagged with the run. They
-        # reach the port in the metrics agent's reports (every second here), so one scrape may hold some
-        # of a step's gauges and not yet the others: poll until all of them are there.
+        # While the job runs, its gauges appear on the metrics export port, tagged with the run. They reach the
+        # port in the metrics agent's reports (every second here), so one scrape may hold some of a step's gauges
+        # and not yet the others: poll until all of them are there.
         wanted = ("ray_rlhf_reward_mean", "ray_rlhf_timing_sync_s", "ray_rlhf_sync_logprob_gap")
-        exported, deadline = "", time.monotonic() + 300
-        while time.monotonic() < deadline and not all(name in exported for name in wanted):
+        exported, deadline = "", time.monotonic() + JOB_DEADLINE_S
+        while not all(name in exported for name in wanted):
+            assert time.monotonic() < deadline, f"the job did not end within {JOB_DEADLINE_S} s"
             if _status(job, address, env) in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
             try:
                 exported = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
             except (urllib.error.URLError, TimeoutError):
                 exported = ""
-            time.sleep(2)
-        assert re.search(r'ray_rlhf_reward_mean\{[^}]*run="grpo_tiny-', exported), "no rlhf gauge exported"
-        assert "ray_rlhf_timing_sync_s" in exported and "ray_rlhf_sync_logprob_gap" in exported
-
-        while time.monotonic() < deadline and _status(job, address, env) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            time.sleep(1)
+        while _status(job, address, env) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            assert time.monotonic() < deadline, f"the job did not end within {JOB_DEADLINE_S} s"
             time.sleep(2)
         logs = _ray("job", "logs", job, "--address", address, env=env).stdout
         assert _status(job, address, env) == "SUCCEEDED", logs[-3000:]
-        assert "step 40/40" in logs and "summary: " in logs
+        assert f"step {STEPS}/{STEPS}" in logs and "summary: " in logs
+        assert re.search(r'ray_rlhf_reward_mean\{[^}]*run="grpo_tiny-', exported), "no rlhf gauge exported"
+        assert "ray_rlhf_timing_sync_s" in exported and "ray_rlhf_sync_logprob_gap" in exported
     finally:
         subprocess.run(["bash", "scripts/ray_head.sh", "stop"], cwd=REPO, env=env, timeout=120)
