@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import psutil
 
-WINDOW_S = 0.1  # one sample; /proc counts CPU in 10 ms ticks, so a spinning thread shows as ~1.0
+WINDOW_S = 0.05  # one sample; /proc counts CPU in 10 ms ticks, so a spinning thread shows as ~1.0
 QUIET_CORES = 0.5  # what the whole tree may use in a window and still count as idle (idle Ray + stack: ~0.15)
 DEADLINE_S = 30.0  # how long a finished test's threads get to wind down before they count as left behind
 

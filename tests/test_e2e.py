@@ -178,9 +178,10 @@ def test_grpo_run_end_to_end_raises_the_reward_with_a_user_reward_file(ray_clust
 
 
 def test_two_rank_zero3_run_with_reference_keeps_generator_in_sync(ray_cluster, tiny_tied_model, tmp_path):
-    """ZeRO-3 over 2 ranks gathers parameters bucket by bucket for the sync; the reference adds k3 KL. The
-    model ties its output layer to its embedding: a sync carries that weight once, under the embedding's
-    name, and the generator's output layer must compute with it too (the gap grows step by step if not)."""
+    """ZeRO-3 over 2 ranks gathers parameters bucket by bucket for the sync, with optimizer and parameter
+    offload and gradient checkpointing; the reference adds k3 KL. The model ties its output layer to its
+    embedding: a sync carries that weight once, under the embedding's name, and the generator's output
+    layer must compute with it too (the gap grows step by step if not)."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -188,7 +189,8 @@ def test_two_rank_zero3_run_with_reference_keeps_generator_in_sync(ray_cluster, 
 
     cfg = load_config(TINY, tiny_overrides(tiny_tied_model, tmp_path, **{
         "steps": 3, "train.ranks": 2, "train.zero_stage": 3, "train.micro_batch_size": 8,
-        "train.threads": 1, "algorithm.kl_coef": 0.05, "weight_sync.bucket_mb": 1}))
+        "train.threads": 1, "algorithm.kl_coef": 0.05, "weight_sync.bucket_mb": 1, "train.offload_optimizer": True,
+        "train.offload_params": True, "train.gradient_checkpointing": True}))
     summary = rlhf.run(cfg)
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
