@@ -35,25 +35,29 @@ def dry_run(cfg) -> int:
     """The placement plan on the cluster `ray.init()` finds (RAY_ADDRESS, or a local one), checked."""
     import ray
 
+    ray.init(log_to_driver=False)
+    try:
+        return print_plan(cfg, [n for n in ray.nodes() if n.get("Alive", True)])
+    finally:
+        ray.shutdown()
+
+
+def print_plan(cfg, nodes: list[dict]) -> int:
+    """Print where every actor of `cfg` would go on `nodes` (ray.nodes() rows); 2 and the reason if it cannot fit."""
     from rlhf.plan import PlanError, build_plan, check, format_plan, place
     from rlhf.topology import resolve_device
 
-    ray.init(log_to_driver=False)
+    device = resolve_device(cfg)
+    plans = build_plan(cfg, device)
     try:
-        device = resolve_device(cfg)
-        nodes = [n for n in ray.nodes() if n.get("Alive", True)]
-        plans = build_plan(cfg, device)
-        try:
-            place(plans, nodes, cfg)
-            print(format_plan(plans, device))
-            check(plans, nodes, cfg, device)
-        except PlanError as e:
-            print(f"plan error: {e}", file=sys.stderr)
-            return 2
-        print(f"the plan fits on {len(nodes)} node(s)")
-        return 0
-    finally:
-        ray.shutdown()
+        place(plans, nodes, cfg)
+        print(format_plan(plans, device))
+        check(plans, nodes, cfg, device)
+    except PlanError as e:
+        print(f"plan error: {e}", file=sys.stderr)
+        return 2
+    print(f"the plan fits on {len(nodes)} node(s)")
+    return 0
 
 
 if __name__ == "__main__":
