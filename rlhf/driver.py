@@ -99,6 +99,10 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
         scorer = RewardScorer(rewards, on_error=cfg.reward.on_error, penalty=cfg.reward.penalty,
                               timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers)
         stream = RolloutStream(topo, loader, scorer, cfg, first_step)
+        eval_start = {}
+        if cfg.eval.every and first_step == 1:  # the policy before any update: what the run's evals compare with
+            eval_start = evaluate(topo.generators, scorer, eval_prompts, cfg, restart=topo.restart_generator)
+            print(f"eval before training: reward {eval_start['eval/reward/mean']:.3f}", flush=True)
         for step in range(first_step, cfg.steps + 1):
             m: dict[str, float] = {}
             t_step = time.perf_counter()
@@ -189,7 +193,9 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
         raise
     teardown(topo)
     check_accounting(log.rows, loader.handed_out)
-    return log.finish({"prompts_skipped_too_long": loader.skipped_too_long, "device": device,
+    evals = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in log.rows if "eval/reward/mean" in r]
+    return log.finish({"eval_start": eval_start, "eval_end": evals[-1] if evals else {},
+                       "prompts_skipped_too_long": loader.skipped_too_long, "device": device,
                        "generator_restarts": topo.generator_restarts, "weight_sync_backend": topo.weight_sync.backend})
 
 

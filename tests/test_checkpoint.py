@@ -68,9 +68,13 @@ def test_evaluation_is_logged_and_the_best_checkpoint_is_kept(ray_cluster, tiny_
     cfg = load_config(TINY, tiny_overrides(tiny_model, tmp_path, **{
         "steps": 4, "eval.every": 2, "eval.num_prompts": 6, "checkpoint.every": 1, "checkpoint.keep": 1,
         "checkpoint.keep_best_by": "eval/reward/mean"}))
-    rows = _rows(rlhf.run(cfg))
+    summary = rlhf.run(cfg)
+    rows = _rows(summary)
     evaluated = [r["step"] for r in rows if "eval/reward/mean" in r]
     assert evaluated == [2, 4]
+    # the untrained policy is evaluated too (what the run's evals compare with), and the last eval is summed up
+    assert 0 <= summary["eval_start"]["eval/reward/mean"] <= 1 and summary["eval_start"]["eval/completion_len"] > 0
+    assert summary["eval_end"] == {k: v for k, v in rows[-1].items() if k.startswith("eval/")}
     for r in rows:
         if "eval/reward/mean" in r:
             assert 0 <= r["eval/reward/mean"] <= 1 and r["eval/charset_reward/mean"] == r["eval/reward/mean"]
