@@ -105,9 +105,9 @@ class PromptLoader:
         row = dict(self.dataset[index])
         text = row.pop(self.cfg.prompt_key)
         if self.cfg.apply_chat_template:
-            messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            text = self.tokenizer.decode(ids)
+            text = render_chat(self.tokenizer, chat_messages(text, self.cfg.system_prompt, index))
+            # what apply_chat_template(tokenize=True) does: the rendered text holds its special tokens
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             if not isinstance(text, str):
                 raise ConfigError(f"data.prompt_key: row {index} has a {type(text).__name__} prompt; "
@@ -116,3 +116,25 @@ class PromptLoader:
         if len(ids) > self.cfg.max_prompt_tokens:
             return None
         return Prompt(index=index, text=text, ids=list(ids), row=row)
+
+
+def chat_messages(prompt: Any, system_prompt: str, index: int) -> list[dict[str, Any]]:
+    """A row's prompt as chat messages: a string becomes one user message, a list of messages is taken
+    as it is; `system_prompt` goes first unless the messages start with a system message of their own."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
+        messages = [dict(m) for m in prompt]
+    else:
+        raise ConfigError(f"data.prompt_key: row {index}'s prompt is neither a string nor a list of messages "
+                          f"with a 'role' each: {prompt!r:.200}")
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The prompt text of `messages` with the assistant's turn opened, by the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"data.apply_chat_template: the tokenizer of {tokenizer.name_or_path} has no chat template")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
