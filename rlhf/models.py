@@ -145,7 +145,11 @@ def fetch_smollm2(out: Path, cache_dir: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
         convert(gguf, tmp)
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of a shared cache
+        # mkdtemp's 0700 (and the 0600 safetensors file save_pretrained leaves) would hide the model from other
+        # users of a shared cache
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             out.rmdir()  # empty: checked above
         os.replace(tmp, out)
