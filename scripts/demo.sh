@@ -4,25 +4,12 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$RLHF_ROOT"
-DASHBOARD=http://127.0.0.1:${RAY_DASHBOARD_PORT:-8265}
 
 if [ ! -f .cache/tiny-model/config.json ]; then
   python -m rlhf.tiny_model --out .cache/tiny-model --corpus examples/charset/prompts.jsonl
 fi
 
-started_head=0
-if ! ray job list --address "$DASHBOARD" >/dev/null 2>&1; then
-  bash scripts/ray_head.sh start
-  started_head=1
-fi
-stop_head() { [ "$started_head" = 1 ] && bash scripts/ray_head.sh stop; return 0; }
-trap stop_head EXIT
-
-echo "submitting the GRPO job; watch it at $DASHBOARD"
-# The checkout is uploaded minus what .gitignore lists (.venv, .cache, runs); the model and the run
-# directory are given as absolute paths because the job runs in Ray's copy of the checkout.
-bash scripts/submit.sh -- python -m rlhf.train --config configs/grpo_tiny.yaml \
-  model.path="$RLHF_ROOT/.cache/tiny-model" logging.output_dir="$RLHF_ROOT/runs" "$@"
+bash scripts/demo_job.sh configs/grpo_tiny.yaml .cache/tiny-model "$@"
 
 run_dir=$(ls -td runs/grpo_tiny-*/ | head -1)
 python - "$run_dir" <<'PY'

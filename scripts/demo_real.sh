@@ -5,21 +5,10 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$RLHF_ROOT"
-DASHBOARD=http://127.0.0.1:${RAY_DASHBOARD_PORT:-8265}
 
 python -m rlhf.models smollm2 --out .cache/smollm2
 
-started_head=0
-if ! ray job list --address "$DASHBOARD" >/dev/null 2>&1; then
-  bash scripts/ray_head.sh start
-  started_head=1
-fi
-stop_head() { [ "$started_head" = 1 ] && bash scripts/ray_head.sh stop; return 0; }
-trap stop_head EXIT
-
-echo "submitting the GRPO job on SmolLM2-135M-Instruct; watch it at $DASHBOARD"
-bash scripts/submit.sh -- python -m rlhf.train --config configs/grpo_smollm2_arith.yaml \
-  model.path="$RLHF_ROOT/.cache/smollm2" logging.output_dir="$RLHF_ROOT/runs" "$@"
+bash scripts/demo_job.sh configs/grpo_smollm2_arith.yaml .cache/smollm2 "$@"
 
 run_dir=$(ls -td runs/grpo_smollm2_arith-*/ | head -1)
 python - "$run_dir" <<'PY'
