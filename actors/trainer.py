@@ -9,14 +9,7 @@ import torch
 from actors import lora
 from actors.common import batch_logprobs, micro_logits
 from actors.deepspeed_rank import DeepSpeedRank, node_host, shard_minibatches, sharded_forward
-from rlhf.algorithms import (
-    KL_ESTIMATORS,
-    POLICY_LOSSES,
-    aggregate,
-    entropy_from_logits,
-    token_logprobs,
-    truncated_is_weights,
-)
+from rlhf.algorithms import ObjectiveInputs, ObjectiveStats, entropy_from_logits, policy_objective, token_logprobs
 from rlhf.config import RunConfig
 from rlhf.types import TrainBatch
 from weight_sync.group import free_port
@@ -51,65 +44,38 @@ class PolicyTrainer(DeepSpeedRank):
         return batch_logprobs(self.engine, batch, self.cfg.rollout.temperature, self.cfg.train.micro_batch_size,
                               self.device, self.cfg.train.shares_prompts)
 
-    def train(self, minibatches: list[TrainBatch]) -> dict[str, float]:
-        """One optimizer step per mini-batch shard; returns sums the group reduces over ranks."""
-        a, gas = self.cfg.algorithm, self.cfg.grad_accum_steps
-        policy_loss, kl_estimator = POLICY_LOSSES[a.policy_loss], KL_ESTIMATORS[a.kl_estimator]
+    def train(self, minibatches: list[TrainBatch]) -> dict[str, object]:
+        """One optimizer step per mini-batch shard: forward, `policy_objective`, backward, step.
+        Returns the objective's summed statistics and timings; TrainerGroup reduces them over ranks."""
+        objective, temperature = self.cfg.objective, self.cfg.rollout.temperature
         self.engine.train()
-        s = {"tokens": 0.0, "clipped": 0.0, "approx_kl": 0.0, "loss/policy": 0.0, "loss/kl": 0.0, "entropy": 0.0,
-             "optimizer_steps": 0.0, "tis_sum": 0.0, "tis_capped": 0.0, "forward_s": 0.0, "backward_s": 0.0,
-             "optimizer_s": 0.0}
-        first = True
+        total, first = ObjectiveStats(), None
+        s = {"optimizer_steps": 0.0, "forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
         for shard in minibatches:
-            for mb in shard.chunks(gas):
+            for mb in shard.chunks(self.cfg.grad_accum_steps):
                 t0 = self._clock()
-                mask = mb.loss_mask.to(self.device)
                 logits = micro_logits(self.engine, mb, self.device, self.cfg.train.shares_prompts)
-                logp = token_logprobs(logits, mb.input_ids[:, 1:].to(self.device), self.cfg.rollout.temperature)
-                # No old log-probs: this is the batch's only update, so the policy before it is this forward's.
-                old = logp.detach() if mb.old_logprobs is None else mb.old_logprobs.to(self.device)
-                out = policy_loss(logp, old, mb.advantages.to(self.device), a.clip_low, a.clip_high)
-                rollout = mb.rollout_logprobs.to(self.device)
-                tis = truncated_is_weights(old, rollout, a.tis_cap)  # samples drawn by the generator's policy
-                pg_loss = aggregate(out.loss * tis, mask, a.loss_agg, shard.loss_denominator)
-                loss = pg_loss
-                if a.kl_coef > 0 and not a.kl_in_reward:
-                    kl = aggregate(kl_estimator(logp, mb.ref_logprobs.to(self.device)), mask, a.loss_agg,
-                                   shard.loss_denominator)
-                    loss = loss + a.kl_coef * kl
-                    s["loss/kl"] += kl.item()
-                if a.entropy_coef > 0:  # the bonus: higher entropy lowers the loss
-                    entropy = aggregate(entropy_from_logits(logits, self.cfg.rollout.temperature), mask, a.loss_agg,
-                                        shard.loss_denominator)
-                    loss = loss - a.entropy_coef * entropy
-                    s["entropy"] += entropy.item()
+                logp = token_logprobs(logits, mb.input_ids[:, 1:].to(self.device), temperature)
+                dev = self.device
+                out = policy_objective(ObjectiveInputs(
+                    logp=logp,
+                    # no old log-probs: this is the batch's only update, so the policy before it is this forward's
+                    old_logp=logp.detach() if mb.old_logprobs is None else mb.old_logprobs.to(dev),
+                    rollout_logp=mb.rollout_logprobs.to(dev), advantages=mb.advantages.to(dev),
+                    mask=mb.loss_mask.to(dev), denominator=shard.loss_denominator,
+                    ref_logp=None if mb.ref_logprobs is None else mb.ref_logprobs.to(dev),
+                    entropy=entropy_from_logits(logits, temperature) if objective.entropy_coef > 0 else None,
+                    on_policy=mb.on_policy_rows()), objective)
                 s["forward_s"] += self._clock() - t0
-                backward_s, step_s = self._backward_step(loss)
+                backward_s, step_s = self._backward_step(out.loss)
                 s["backward_s"] += backward_s
                 s["optimizer_s"] += step_s  # the optimizer steps at the mini-batch's last micro-batch
-                with torch.no_grad():
-                    policy_kl = KL_ESTIMATORS["k3"](logp, old) * mask  # KL(pi_old || pi) per token
-                    s["tokens"] += mask.sum().item()
-                    s["clipped"] += (out.clipped * mask).sum().item()
-                    s["approx_kl"] += policy_kl.sum().item()
-                    s["loss/policy"] += pg_loss.item()
-                    s["tis_sum"] += (tis * mask).sum().item()
-                    s["tis_capped"] += ((tis >= a.tis_cap) * mask).sum().item() if a.tis_cap else 0.0
-                    if mb.old_logprobs is None:  # what the driver would have measured on a separate pass
-                        fresh = mask * mb.on_policy_rows().to(self.device)[:, None]
-                        s["gap_sum"] = s.get("gap_sum", 0.0) + ((old - rollout).abs() * fresh).sum().item()
-                        s["gap_tokens"] = s.get("gap_tokens", 0.0) + fresh.sum().item()
-                        if mb.ref_logprobs is not None:
-                            kl_ref = KL_ESTIMATORS["k3"](old, mb.ref_logprobs.to(self.device))
-                            s["kl_ref_sum"] = s.get("kl_ref_sum", 0.0) + (kl_ref * mask).sum().item()
-                    if first:  # nothing has been updated yet: the ratio must be 1 and the KL 0
-                        s["first/ratio_max_dev"] = ((out.ratio - 1).abs() * mask).max().item()
-                        s["first/policy_kl"] = policy_kl.sum().item() / max(mask.sum().item(), 1.0)
-                        first = False
+                total = total + out.stats
+                first = first or out.stats  # nothing has been updated yet: its ratio must be 1 and its KL 0
             s["optimizer_steps"] += 1
             s["grad_norm"] = self._grad_norm()
             s["lr"] = self.engine.get_lr()[0]  # for the next optimizer step
-        return s
+        return s | {"objective": total, "first": first}
 
     # ---- weight sync (weight_sync.service drives these) ----
     def weight_meta(self) -> list:
@@ -164,25 +130,13 @@ class TrainerGroup:
         ray.get([r.save_hf.remote(path) for r in self.ranks])
 
 
-def reduce_rank_stats(stats: list[dict[str, float]]) -> dict[str, float]:
-    tokens = sum(s["tokens"] for s in stats)
+def reduce_rank_stats(stats: list[dict]) -> dict[str, float]:
     steps = stats[0]["optimizer_steps"]
-    measured = {}  # single_update: the gap and the reference KL come from the training forward
-    gap_tokens = sum(s.get("gap_tokens", 0.0) for s in stats)
-    if gap_tokens:  # only samples of the weights the trainer holds: older ones differ by design
-        measured["sync/logprob_gap"] = sum(s["gap_sum"] for s in stats) / gap_tokens
-    if "kl_ref_sum" in stats[0]:
-        measured["kl/ref"] = sum(s["kl_ref_sum"] for s in stats) / max(tokens, 1.0)
-    return measured | {
-        "loss/policy": sum(s["loss/policy"] for s in stats) / steps,  # shards' shares sum to the global loss
-        "loss/kl": sum(s["loss/kl"] for s in stats) / steps,
-        "policy/entropy": sum(s["entropy"] for s in stats) / steps,  # 0 unless entropy_coef > 0
-        "policy/clip_frac": sum(s["clipped"] for s in stats) / max(tokens, 1.0),
-        "policy/approx_kl": sum(s["approx_kl"] for s in stats) / max(tokens, 1.0),
-        "policy/first_ratio_max_dev": max(s["first/ratio_max_dev"] for s in stats),
-        "policy/tis_weight": sum(s["tis_sum"] for s in stats) / max(tokens, 1.0),
-        "policy/tis_capped_frac": sum(s["tis_capped"] for s in stats) / max(tokens, 1.0),
-        "policy/first_kl": max(s["first/policy_kl"] for s in stats),
+    total = sum((s["objective"] for s in stats), ObjectiveStats())  # shards' loss shares sum to the global loss
+    first = sum((s["first"] for s in stats), ObjectiveStats())
+    return total.metrics(steps) | {
+        "policy/first_ratio_max_dev": first.ratio_dev_max,
+        "policy/first_kl": first.policy_kl / max(first.tokens, 1.0),
         "train/grad_norm": stats[0]["grad_norm"],
         "train/lr": stats[0]["lr"],
         "train/optimizer_steps": steps,

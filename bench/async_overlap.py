@@ -42,8 +42,9 @@ def config(model: Path, mode: str, staleness: int, steps: int, seed: int, out: P
         "name": f"overlap_{mode}_s{seed}", "seed": seed, "steps": steps,
         "model": {"path": str(model), "dtype": "float32"},
         "data": {"path": str(TASK / "prompts.jsonl")},
-        "rollout": {"mode": mode, "max_staleness": staleness, "num_generators": 1, "prompts_per_step": 8,
-                    "samples_per_prompt": 4, "max_new_tokens": 32, "temperature": 1.0, "threads": 1},
+        "rollout": {"mode": mode, "num_generators": 1, "prompts_per_step": 8, "samples_per_prompt": 4,
+                    "max_new_tokens": 32, "temperature": 1.0, "threads": 1,
+                    **({"max_staleness": staleness} if mode == "async" else {})},  # sync mode refuses it
         "reward": {"functions": [{"fn": f"{TASK / 'reward.py'}:charset_reward"}]},
         "algorithm": {"advantage": "grpo", "loss_agg": "token-mean", "kl_coef": 0.0},
         "train": {"ranks": 1, "zero_stage": 0, "lr": 3.0e-3, "mini_batch_size": 32, "micro_batch_size": 16,

@@ -122,17 +122,21 @@ class RewardConfig:
 @dataclass(frozen=True)
 class AlgorithmConfig:
     advantage: str = "grpo"  # name in rlhf.algorithms.ADVANTAGE_ESTIMATORS
-    policy_loss: str = "ppo_clip"  # name in rlhf.algorithms.POLICY_LOSSES
+    policy_loss: str = "ppo_clip"  # name in rlhf.algorithms.POLICY_LOSSES: ppo_clip, ppo_dual_clip, gspo, cispo
     loss_agg: str = "token-mean"  # name in rlhf.algorithms.LOSS_AGGREGATIONS
-    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high] (cispo: its IS weight)
     clip_high: float = 0.2
-    kl_coef: float = 0.0  # > 0 adds kl_coef * KL(policy || reference) to the loss
+    dual_clip: float = 3.0  # ppo_dual_clip's c > 1: the loss of a negative-advantage token is capped at -c * A
+    kl_coef: float = 0.0  # > 0 adds kl_coef * KL(policy || reference) to the loss (or the reward: kl_in_reward)
     kl_estimator: str = "k3"  # name in rlhf.algorithms.KL_ESTIMATORS
     ppo_epochs: int = 1
     std_eps: float = 1e-6  # added to the std in GRPO's and REINFORCE++'s normalisation
     gamma: float = 1.0  # per-token discount (token-level estimators: reinforce_pp, gae)
     lam: float = 1.0  # GAE's lambda
-    kl_in_reward: bool = False  # true: the KL penalty enters the per-token reward (classic PPO), not the loss
+    # true: the KL penalty enters the reward, not the loss: per token for the token estimators
+    # (reinforce_pp*, gae; classic PPO), summed into the sequence reward before the group statistics
+    # for the outcome ones (grpo, dr_grpo, rloo)
+    kl_in_reward: bool = False
     entropy_coef: float = 0.0  # > 0 subtracts entropy_coef * entropy from the loss (an exploration bonus)
     normalize_advantages: bool = False  # whiten advantages over the batch's tokens (usual with gae)
     # DAPO's data-side pieces (Yu et al. 2025)
@@ -141,10 +145,15 @@ class AlgorithmConfig:
     overlong_buffer: int = 0  # > 0: soft length penalty over the last N tokens before max_new_tokens
     truncated: Literal["keep", "mask", "penalize"] = "keep"  # samples that hit max_new_tokens
     truncated_penalty: float = -1.0  # added to a truncated sample's reward when truncated=penalize
-    # Truncated importance sampling: each token's loss is weighted by min(pi_old / pi_rollout, tis_cap),
-    # correcting for samples drawn by an older policy (async) or a generator that differs slightly
-    # from the trainer (Yao et al. 2025). 0 = off.
-    tis_cap: float = 2.0
+    # The off-policy correction for samples drawn by an older policy (async) or by a generator that
+    # differs slightly from the trainer: name in rlhf.algorithms.CORRECTIONS. token_tis weighs each
+    # token's loss by min(pi_old / pi_rollout, tis_cap) (Yao et al. 2025); token_mask drops tokens whose
+    # ratio leaves [band_low, band_high] (IcePop); seq_tis / seq_mask do the same per sequence with the
+    # geometric-mean ratio; none turns it off.
+    correction: str = "token_tis"
+    tis_cap: float = 2.0  # token_tis, seq_tis: >= 1
+    band_low: float = 0.5  # token_mask, seq_mask: 0 <= band_low <= 1 <= band_high
+    band_high: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -299,7 +308,9 @@ class RunConfig:
 
     @property
     def uses_critic(self) -> bool:
-        return self.algorithm.advantage == "gae"
+        from rlhf.algorithms import ADVANTAGE_ESTIMATORS
+
+        return "values" in ADVANTAGE_ESTIMATORS.trait(self.algorithm.advantage, "reads")
 
     @property
     def uses_reference(self) -> bool:
@@ -311,6 +322,18 @@ class RunConfig:
         detached (ratio exactly 1), and the separate pass that would recompute them is skipped."""
         return (self.algorithm.ppo_epochs == 1 and self.train.mini_batch_size == self.rollout_batch_size
                 and not (self.algorithm.kl_in_reward and self.uses_reference))
+
+    @property
+    def objective(self):  # -> rlhf.algorithms.ObjectiveSettings (imported lazily: config loads without torch)
+        """The policy objective's settings (rlhf/algorithms/objective.py), from algorithm.*."""
+        from rlhf.algorithms import CorrectionParams, ObjectiveSettings, PolicyLossParams
+
+        a = self.algorithm
+        return ObjectiveSettings(
+            policy_loss=a.policy_loss, correction=a.correction, loss_agg=a.loss_agg,
+            loss_params=PolicyLossParams(clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip),
+            correction_params=CorrectionParams(tis_cap=a.tis_cap, band_low=a.band_low, band_high=a.band_high),
+            kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef)
 
     @property
     def buffer_capacity(self) -> int:
@@ -363,8 +386,6 @@ class RunConfig:
         need(self.rollout.buffer_groups == 0 or self.rollout.buffer_groups >= self.rollout.prompts_per_step,
              "rollout.buffer_groups", f"must be 0 (automatic) or >= rollout.prompts_per_step "
              f"({self.rollout.prompts_per_step}): a smaller buffer can never hold a batch")
-        need(self.algorithm.tis_cap == 0 or self.algorithm.tis_cap >= 1, "algorithm.tis_cap",
-             "must be 0 (off) or >= 1 (a cap below 1 down-weights even on-policy tokens)")
         for key in ("generator_cores", "trainer_cores"):
             cores = getattr(self.resources, key)
             need(all(c >= 0 for c in cores) and len(set(cores)) == len(cores), f"resources.{key}",
@@ -415,10 +436,12 @@ class RunConfig:
         need(self.algorithm.clip_high >= 0, "algorithm.clip_high", "must be >= 0")
         for key, registry in (("advantage", algorithms.ADVANTAGE_ESTIMATORS),
                               ("policy_loss", algorithms.POLICY_LOSSES),
+                              ("correction", algorithms.CORRECTIONS),
                               ("loss_agg", algorithms.LOSS_AGGREGATIONS),
                               ("kl_estimator", algorithms.KL_ESTIMATORS)):
             name = getattr(self.algorithm, key)
             need(name in registry, f"algorithm.{key}", f"unknown {name!r}; choose one of {sorted(registry)}")
+        self._validate_objective(need)
         need(self.critic.lr > 0, "critic.lr", "must be > 0")
         need(self.critic.value_clip >= 0, "critic.value_clip", "must be >= 0")
         need(self.algorithm.entropy_coef >= 0, "algorithm.entropy_coef", "must be >= 0")
@@ -432,7 +455,52 @@ class RunConfig:
         need(self.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be > 0")
         need(self.weight_sync.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
         need(self.weight_sync.logprob_gap_alarm >= 0, "weight_sync.logprob_gap_alarm", "must be >= 0 (0: by dtype)")
+        # Settings that only one mode reads are refused in the other: the run would not do what they say.
+        for section, key, active, when in (
+                ("rollout", "max_staleness", self.rollout.mode == "async", "rollout.mode=async"),
+                ("rollout", "inflight_on_update", self.rollout.mode == "async", "rollout.mode=async"),
+                *(("critic", f.name, self.uses_critic, "a critic (algorithm.advantage=gae)")
+                  for f in dataclasses.fields(CriticConfig))):
+            value, default = getattr(getattr(self, section), key), getattr(type(getattr(self, section))(), key)
+            need(active or value == default, f"{section}.{key}", f"is set to {value!r}, but is read only with {when}")
         return self
+
+    def _validate_objective(self, need) -> None:
+        """Combinations of algorithm.* that would fail, or silently do nothing, are refused by name."""
+        from rlhf import algorithms
+
+        a, d = self.algorithm, AlgorithmConfig()
+        need(a.tis_cap >= 1, "algorithm.tis_cap", "must be >= 1 (a cap below 1 down-weights even on-policy "
+             "tokens; algorithm.correction=none turns the correction off)")
+        need(0 <= a.band_low <= 1 <= a.band_high, "algorithm.band_low/band_high",
+             f"need 0 <= band_low <= 1 <= band_high, got [{a.band_low}, {a.band_high}]")
+        need(a.dual_clip > 1, "algorithm.dual_clip", "must be > 1 (Ye et al. 2020 use 3)")
+        need(not a.kl_in_reward or a.kl_coef > 0, "algorithm.kl_in_reward",
+             "needs algorithm.kl_coef > 0: with no KL there is nothing to put in the reward")
+        estimator, loss = algorithms.ADVANTAGE_ESTIMATORS, algorithms.POLICY_LOSSES
+        loss_level, correction_level = loss.trait(a.policy_loss, "level"), algorithms.CORRECTIONS.trait(
+            a.correction, "level")
+        need(not (loss_level == "sequence" and correction_level == "token" and a.correction != "none"),
+             "algorithm.correction", f"{a.correction!r} weighs tokens, but algorithm.policy_loss={a.policy_loss!r} "
+             f"is sequence-level: choose a sequence-level correction (seq_tis, seq_mask) or none")
+        paper_agg = loss.trait(a.policy_loss, "loss_agg")
+        need(paper_agg is None or a.loss_agg == paper_agg, "algorithm.loss_agg",
+             f"algorithm.policy_loss={a.policy_loss!r} is defined with {paper_agg!r} aggregation "
+             f"(got {a.loss_agg!r}); set algorithm.loss_agg={paper_agg}")
+        # A setting that the chosen functions never read is refused: the run would not do what it says.
+        used = (estimator.trait(a.advantage, "reads") | loss.trait(a.policy_loss, "reads")
+                | algorithms.CORRECTIONS.trait(a.correction, "reads"))
+        by_estimator, by_correction = f"the advantage estimator {a.advantage!r}", f"the correction {a.correction!r}"
+        readers = {"gamma": by_estimator, "lam": by_estimator, "dual_clip": f"the policy loss {a.policy_loss!r}",
+                   "tis_cap": by_correction, "band_low": by_correction, "band_high": by_correction}
+        for key, who in readers.items():
+            need(key in used or getattr(a, key) == getattr(d, key), f"algorithm.{key}",
+                 f"is set to {getattr(a, key)!r}, but {who} does not read it")
+        for key, active, when in (("kl_estimator", a.kl_coef > 0, "algorithm.kl_coef > 0"),
+                                  ("truncated_penalty", a.truncated == "penalize", "algorithm.truncated=penalize"),
+                                  ("max_sampling_rounds", a.dynamic_sampling, "algorithm.dynamic_sampling=true")):
+            need(active or getattr(a, key) == getattr(d, key), f"algorithm.{key}",
+                 f"is set to {getattr(a, key)!r}, but is read only with {when}")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

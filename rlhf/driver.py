@@ -38,12 +38,10 @@ from reward.remote import RemoteReward
 from rlhf import checkpoint
 from rlhf.algorithms import (
     ADVANTAGE_ESTIMATORS,
-    KL_ESTIMATORS,
     EstimatorInputs,
     explained_variance,
     gae_returns,
     kl_penalty_rewards,
-    masked_mean,
     whiten_over_mask,
 )
 from rlhf.config import RunConfig
@@ -53,7 +51,7 @@ from rlhf.metrics import RunLog
 from rlhf.rollouts import RolloutStream
 from rlhf.shaping import mask_truncated
 from rlhf.topology import Topology, build_topology, resolve_device, teardown
-from rlhf.types import Sample, TrainBatch, collate
+from rlhf.types import Sample, collate
 from weight_sync.service import GeneratorLost
 
 
@@ -155,7 +153,7 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
                 stream.stop(m)  # what is still in flight is counted as dropped
 
             # 7. log
-            m.update(rollout_metrics(samples, batch, m.get("timing/generate_s", m["rollout/interval_s"])))
+            m.update(rollout_metrics(samples, m.get("timing/generate_s", m["rollout/interval_s"])))
             if "sync/logprob_gap" in m:  # absent when no sample of the batch came from the trainer's weights
                 m["sync/gap_alarm"] = gap_alarm(m["sync/logprob_gap"], cfg.gap_alarm, step,
                                                 cfg.weight_sync.on_gap_alarm == "raise")
@@ -233,10 +231,9 @@ class AccountingError(RuntimeError):
     """A prompt was lost or counted twice."""
 
 
-def rollout_metrics(samples: list[Sample], batch: TrainBatch, generate_s: float) -> dict[str, float]:
+def rollout_metrics(samples: list[Sample], generate_s: float) -> dict[str, float]:
     rewards = torch.tensor([s.reward for s in samples])
     lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32)
-    mask = batch.loss_mask
     m = {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item() if len(samples) > 1 else 0.0,
@@ -246,13 +243,7 @@ def rollout_metrics(samples: list[Sample], batch: TrainBatch, generate_s: float)
         "rollout/tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
         "rollout/policy_version": float(min(s.policy_version for s in samples)),
     }
-    fresh = mask * batch.on_policy_rows()[:, None]
-    if batch.old_logprobs is not None and fresh.sum() > 0:  # else the trainer measured it (cfg.single_update)
-        # The trainer's and the generator's log-probs of the same tokens from the same weights.
-        m["sync/logprob_gap"] = masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), fresh).item()
-    if batch.old_logprobs is not None and batch.ref_logprobs is not None:
-        m["kl/ref"] = masked_mean(KL_ESTIMATORS["k3"](batch.old_logprobs, batch.ref_logprobs), mask).item()
-    return m
+    return m  # the trainer-vs-generator gap and kl/ref come from the objective (rlhf/algorithms/objective.py)
 
 
 def gap_alarm(gap: float, threshold: float, step: int, stop: bool) -> float:

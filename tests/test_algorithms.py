@@ -11,11 +11,14 @@ from rlhf.algorithms import (
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,
     EstimatorInputs,
+    PolicyLossParams,
     aggregate,
     loss_denominator,
     token_logprobs,
 )
 from rlhf.algorithms.registry import Registry
+
+ONES = torch.ones(1, 1)  # the mask: the token-level losses do not read it
 
 
 def test_grpo_advantages_hand_computed():
@@ -40,7 +43,7 @@ def test_ppo_clip_hand_computed():
     ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5]])
     adv = torch.tensor([[1.0, -1.0, -1.0, 1.0]])
     old = torch.zeros(1, 4)
-    out = POLICY_LOSSES["ppo_clip"](ratio.log(), old, adv, clip_low=0.2, clip_high=0.2)
+    out = POLICY_LOSSES["ppo_clip"](ratio.log(), old, adv, ONES, PolicyLossParams(0.2, 0.2))
     torch.testing.assert_close(out.loss, torch.tensor([[-1.2, 1.5, 0.8, -0.5]]))
     torch.testing.assert_close(out.ratio, ratio)
     assert out.clipped.tolist() == [[True, False, True, False]]
@@ -49,13 +52,14 @@ def test_ppo_clip_hand_computed():
 def test_ppo_clip_higher_uses_separate_bounds():
     # clip_high 0.28: ratio 1.5 with A=+1 is clipped at 1.28, ratio 0.5 with A=-1 at 0.8
     ratio = torch.tensor([[1.5, 0.5]])
-    out = POLICY_LOSSES["ppo_clip"](ratio.log(), torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), 0.2, 0.28)
+    out = POLICY_LOSSES["ppo_clip"](ratio.log(), torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), ONES,
+                                    PolicyLossParams(0.2, 0.28))
     torch.testing.assert_close(out.loss, torch.tensor([[-1.28, 0.8]]))
 
 
 def test_first_update_has_ratio_one_and_zero_kl():
     logp = torch.randn(3, 5)
-    out = POLICY_LOSSES["ppo_clip"](logp, logp.clone(), torch.randn(3, 5), 0.2, 0.2)
+    out = POLICY_LOSSES["ppo_clip"](logp, logp.clone(), torch.randn(3, 5), ONES, PolicyLossParams())
     assert torch.equal(out.ratio, torch.ones(3, 5))
     assert torch.equal(KL_ESTIMATORS["k3"](logp, logp.clone()), torch.zeros(3, 5))
 
@@ -105,7 +109,7 @@ def test_micro_batch_accumulation_equals_one_big_batch():
 
     def loss_of(rows, denom):
         logp = layer(x[rows]).squeeze(-1).tanh() - 1
-        out = POLICY_LOSSES["ppo_clip"](logp, old[rows], adv[rows], 0.2, 0.2)
+        out = POLICY_LOSSES["ppo_clip"](logp, old[rows], adv[rows], mask[rows], PolicyLossParams())
         return aggregate(out.loss, mask[rows], "token-mean", denom)
 
     denom = loss_denominator(mask, "token-mean", 5)
@@ -132,17 +136,3 @@ def test_registry_rejects_duplicates_and_names_unknowns():
         reg.register("a")(lambda: 2)
     with pytest.raises(KeyError, match=r"unknown thing 'b'; known: \['a'\]"):
         reg["b"]
-
-
-def test_truncated_is_weights_by_hand():
-    from rlhf.algorithms import truncated_is_weights
-
-    old = torch.tensor([[math.log(0.5), math.log(0.9), math.log(0.2)]])
-    rollout = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.4)]])
-    # ratios pi_old / pi_rollout: 1, 3, 0.5; the 3 is capped at 2
-    torch.testing.assert_close(truncated_is_weights(old, rollout, 2.0), torch.tensor([[1.0, 2.0, 0.5]]))
-    torch.testing.assert_close(truncated_is_weights(old, rollout, 0.0), torch.ones(1, 3))  # off
-    with pytest.raises(ValueError, match="cap must be 0"):
-        truncated_is_weights(old, rollout, 0.5)
-    w = truncated_is_weights(old.requires_grad_(), rollout, 2.0)
-    assert not w.requires_grad  # a weight, not a path for gradients

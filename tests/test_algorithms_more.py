@@ -11,9 +11,11 @@ import torch
 import rlhf.algorithms
 from rlhf.algorithms import (
     ADVANTAGE_ESTIMATORS,
+    CORRECTIONS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
     EstimatorInputs,
+    PolicyLossParams,
     aggregate,
     entropy_from_logits,
     gae_returns,
@@ -24,6 +26,8 @@ from rlhf.algorithms import (
     token_level_rewards,
     value_loss,
 )
+
+ONES = torch.ones(1, 1)  # the mask: the token-level losses do not read it
 
 # Two groups of G = 3. Every row's completion starts after at least one prompt column, and rows end at
 # different columns (right padding), as rlhf.types.collate lays them out.
@@ -49,7 +53,8 @@ def per_sample(adv: list[float]) -> torch.Tensor:
 
 def test_registries_hold_exactly_these_names():
     assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae"}
-    assert set(POLICY_LOSSES) == {"ppo_clip", "ppo_dual_clip"}
+    assert set(POLICY_LOSSES) == {"ppo_clip", "ppo_dual_clip", "gspo", "cispo"}
+    assert set(CORRECTIONS) == {"none", "token_tis", "token_mask", "seq_tis", "seq_mask"}
     assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
 
 
@@ -203,27 +208,30 @@ def test_dual_clip_four_sign_and_ratio_cases():
     ratio = torch.tensor([[1.5, 0.5, 0.5, 2.0, 4.0, 4.0]])
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0, 1.0]])
     logp = ratio.log().requires_grad_()
-    out = POLICY_LOSSES["ppo_clip"](logp, torch.zeros(1, 6), adv, 0.2, 0.2, dual_clip=3.0)
+    out = POLICY_LOSSES["ppo_dual_clip"](logp, torch.zeros(1, 6), adv, ONES, PolicyLossParams(0.2, 0.2, 3.0))
     torch.testing.assert_close(out.loss, torch.tensor([[-1.2, -0.5, 0.8, 2.0, 3.0, -1.2]]))
     assert out.clipped.tolist() == [[True, False, True, False, True, True]]
     # d(-r*A)/dlogp = -r*A on the unclipped tokens (-.5 and 2); a clipped token has no gradient
     out.loss.sum().backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5, 0.0, 2.0, 0.0, 0.0]]))
-    by_name = POLICY_LOSSES["ppo_dual_clip"](ratio.log(), torch.zeros(1, 6), adv, 0.2, 0.2)  # c = 3 by default
-    torch.testing.assert_close(by_name.loss, out.loss.detach())
+    plain = POLICY_LOSSES["ppo_clip"](ratio.log(), torch.zeros(1, 6), adv, ONES, PolicyLossParams(0.2, 0.2))
+    torch.testing.assert_close(plain.loss, torch.tensor([[-1.2, -0.5, 0.8, 2.0, 4.0, -1.2]]))  # no dual clip
 
 
 def test_dual_clip_must_exceed_one():
     with pytest.raises(ValueError, match="dual_clip must be > 1"):
-        POLICY_LOSSES["ppo_clip"](torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), 0.2, 0.2, dual_clip=1.0)
+        POLICY_LOSSES["ppo_dual_clip"](torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), ONES,
+                                       PolicyLossParams(dual_clip=1.0))
 
 
-@pytest.mark.parametrize("name,dual_clip", [("ppo_clip", None), ("ppo_clip", 3.0), ("ppo_dual_clip", 3.0)])
-def test_at_ratio_one_the_clipped_loss_is_the_unclipped_one(name, dual_clip):
+@pytest.mark.parametrize("name", list(POLICY_LOSSES))
+def test_at_ratio_one_no_loss_clips_and_the_surrogates_are_minus_a(name):
     torch.manual_seed(0)
-    logp, adv = torch.randn(3, 5), torch.randn(3, 5)
-    out = POLICY_LOSSES[name](logp, logp.clone(), adv, 0.2, 0.28, dual_clip=dual_clip)
-    torch.testing.assert_close(out.loss, -adv)  # -1 * A
+    logp, adv, mask = torch.randn(3, 5), torch.randn(3, 5), torch.ones(3, 5)
+    out = POLICY_LOSSES[name](logp, logp.clone(), adv, mask, PolicyLossParams(0.2, 0.28))
+    torch.testing.assert_close(out.ratio, torch.ones(3, 5))
+    # the PPO-style surrogates are -ratio * A = -A; CISPO's loss is -w * A * logp with w = 1
+    torch.testing.assert_close(out.loss, -adv * logp if name == "cispo" else -adv)
     assert not out.clipped.any()
 
 

@@ -105,7 +105,7 @@ def test_async_staleness_2_finishing_requests_on_old_weights(ray_cluster, tiny_m
     assert all(r["buffer/staleness_max"] <= 2 for r in rows)
     assert max(r["buffer/staleness_max"] for r in rows) >= 1
     _check_accounts(rows, 8)
-    assert all(0 < r["policy/tis_weight"] <= 2.0 for r in rows)
+    assert all(0 < r["correction/weight"] <= 2.0 for r in rows)
     # The trainer and the generators agree on the samples that came from the weights it holds.
     gaps = [r["sync/logprob_gap"] for r in rows if "sync/logprob_gap" in r]
     assert gaps and max(gaps) < 1e-4

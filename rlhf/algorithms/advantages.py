@@ -3,10 +3,15 @@
 Samples of one prompt are contiguous: rows g*G .. g*G + G - 1 form group g (G = group_size).
 
 Two kinds live here. Outcome estimators (grpo, dr_grpo, rloo) turn the G rewards of a group into one
-scalar per sample and broadcast it over the sample's completion tokens; they read only `rewards`,
-`mask`, `group_size` and `std_eps`. Token estimators (reinforce_pp, reinforce_pp_baseline, gae) work
-on a per-token reward: `token_rewards` (if given, e.g. a KL penalty from `kl_penalty_rewards`) plus the
-outcome reward on the sample's last completion token, and also read `gamma` (and `lam`, `values`).
+scalar per sample and broadcast it over the sample's completion tokens. `token_rewards` (e.g. a KL
+penalty from `kl_penalty_rewards`), if given, are summed over the sample's mask and folded into its
+reward before the group statistics (`sequence_rewards`): the sequence-level KL-in-reward of
+REINFORCE++-baseline and of OpenRLHF's GRPO with a KL reward. Token estimators (reinforce_pp,
+reinforce_pp_baseline, gae) work on a per-token reward: `token_rewards` plus the outcome reward on
+the sample's last completion token, and also read `gamma` (and `lam`, `values`).
+
+Each estimator declares, at registration, the optional inputs it `reads` (of token_rewards, values,
+gamma, lam): the config refuses a setting that the chosen estimator would ignore, naming the keys.
 
 A row's completion tokens are the columns where the mask is 1. They need not start at column 0 (in
 `rlhf.types.collate` they follow the prompt's columns); the token estimators walk only those columns,
@@ -43,6 +48,13 @@ def grouped_rewards(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if b % group_size:
         raise ValueError(f"batch of {b} rewards is not a whole number of groups of {group_size}")
     return rewards.float().view(b // group_size, group_size)
+
+
+def sequence_rewards(x: EstimatorInputs) -> torch.Tensor:
+    """[B] each sample's reward plus its token rewards summed over its mask (just the reward without them)."""
+    if x.token_rewards is None:
+        return x.rewards.float()
+    return x.rewards.float() + (x.token_rewards.float() * x.mask.float()).sum(-1)
 
 
 def token_level_rewards(x: EstimatorInputs) -> torch.Tensor:
@@ -84,7 +96,7 @@ def whiten_over_mask(x: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.T
     return whitened * mask
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo")
+@ADVANTAGE_ESTIMATORS.register("grpo", reads=frozenset({"token_rewards"}))
 def grpo(x: EstimatorInputs) -> torch.Tensor:
     """GRPO (Shao et al. 2024, outcome supervision): A_i = (r_i - mean(r_group)) / (std(r_group) + eps).
 
@@ -92,25 +104,25 @@ def grpo(x: EstimatorInputs) -> torch.Tensor:
     code and TRL; a group whose rewards are all equal gets advantage 0 for every sample. The scalar
     advantage is broadcast over the sample's completion tokens.
     """
-    r = grouped_rewards(x.rewards, x.group_size)
+    r = grouped_rewards(sequence_rewards(x), x.group_size)
     centered = r - r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, keepdim=True)
     adv = torch.where(std > 0, centered / (std + x.std_eps), torch.zeros_like(centered))  # no 0/0 at eps 0
     return adv.reshape(-1, 1) * x.mask
 
 
-@ADVANTAGE_ESTIMATORS.register("dr_grpo")
+@ADVANTAGE_ESTIMATORS.register("dr_grpo", reads=frozenset({"token_rewards"}))
 def dr_grpo(x: EstimatorInputs) -> torch.Tensor:
     """Dr. GRPO (Liu et al. 2025): A_i = r_i - mean(r_group), GRPO without the division by the group std.
 
     The paper's other change, dropping the 1/|o_i| length normalisation, is a loss aggregation, not an
     advantage: pair this with the "seq-mean-token-sum-norm" aggregation.
     """
-    r = grouped_rewards(x.rewards, x.group_size)
+    r = grouped_rewards(sequence_rewards(x), x.group_size)
     return (r - r.mean(dim=1, keepdim=True)).reshape(-1, 1) * x.mask
 
 
-@ADVANTAGE_ESTIMATORS.register("rloo")
+@ADVANTAGE_ESTIMATORS.register("rloo", reads=frozenset({"token_rewards"}))
 def rloo(x: EstimatorInputs) -> torch.Tensor:
     """RLOO (Kool et al. 2019; Ahmadian et al. 2024): A_i = r_i - mean of the other G - 1 rewards of the group.
 
@@ -119,11 +131,11 @@ def rloo(x: EstimatorInputs) -> torch.Tensor:
     g = x.group_size
     if g < 2:
         raise ValueError(f"rloo needs at least 2 samples per prompt for a leave-one-out baseline; group_size={g}")
-    r = grouped_rewards(x.rewards, g)
+    r = grouped_rewards(sequence_rewards(x), g)
     return (g / (g - 1) * (r - r.mean(dim=1, keepdim=True))).reshape(-1, 1) * x.mask
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_pp")
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp", reads=frozenset({"token_rewards", "gamma"}))
 def reinforce_pp(x: EstimatorInputs) -> torch.Tensor:
     """REINFORCE++ (Hu 2025): discounted return per token, normalised over every valid token of the batch.
 
@@ -137,7 +149,7 @@ def reinforce_pp(x: EstimatorInputs) -> torch.Tensor:
     return whiten_over_mask(returns, x.mask, x.std_eps)
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline")
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline", reads=frozenset({"token_rewards", "gamma"}))
 def reinforce_pp_baseline(x: EstimatorInputs) -> torch.Tensor:
     """REINFORCE++-baseline (Hu 2025): reinforce_pp with the group mean subtracted from the outcome reward first.
 
@@ -150,7 +162,7 @@ def reinforce_pp_baseline(x: EstimatorInputs) -> torch.Tensor:
     return reinforce_pp(replace(x, rewards=centered))
 
 
-@ADVANTAGE_ESTIMATORS.register("gae")
+@ADVANTAGE_ESTIMATORS.register("gae", reads=frozenset({"token_rewards", "gamma", "lam", "values"}))
 def gae(x: EstimatorInputs) -> torch.Tensor:
     """Generalized Advantage Estimation (Schulman et al. 2016) with a critic, per sample over its mask columns.
 
