@@ -1,4 +1,4 @@
-"""What the model-hosting actors share: devices and batched log-prob forwards."""
+"""What the model-hosting actors share: batched log-prob forwards (their devices: rlhf/devices.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,6 @@ import torch
 
 from rlhf.algorithms import token_logprobs
 from rlhf.types import TrainBatch
-
-
-def torch_device(device: str) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
 
 
 def micro_logits(model: torch.nn.Module, mb: TrainBatch, device: torch.device,

@@ -12,9 +12,9 @@ from typing import Any
 import ray
 import torch
 
-from actors.common import torch_device
 from rlhf.algorithms import loss_denominator
 from rlhf.config import RunConfig
+from rlhf.devices import torch_device
 from rlhf.types import TrainBatch
 from weight_sync.group import free_port
 

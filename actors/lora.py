@@ -3,7 +3,8 @@
 The generators never see adapters: each weight sync carries, for every adapted module, the merged
 weight W + (lora_alpha / r) * B @ A under the base model's HF name, and nothing else (embeddings,
 norms and untargeted modules do not change, so they are not sent). Checkpoints hold the full merged
-model, loadable by transformers and vLLM like any other.
+model, loadable by transformers and vLLM like any other. The config refuses targets that would split
+one of vLLM's fused modules (rlhf.config.FUSED_GROUPS).
 """
 
 from __future__ import annotations
@@ -13,10 +14,6 @@ from typing import Any
 import torch
 
 from rlhf.config import TrainConfig
-
-# vLLM loads these HF modules into one fused module each (qkv_proj, gate_up_proj): a sync must carry
-# all of a group or none, or the fused module would be reloaded half-filled.
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def wrap(model: torch.nn.Module, t: TrainConfig) -> torch.nn.Module:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ray
 import torch
 
-from actors.common import batch_logprobs, torch_device
+from actors.common import batch_logprobs
 from rlhf.config import RunConfig
+from rlhf.devices import torch_device
 from rlhf.types import TrainBatch
 
 

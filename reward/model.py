@@ -15,14 +15,13 @@ import ray
 import torch
 
 from rlhf.config import RunConfig
+from rlhf.devices import torch_device
 
 
 @ray.remote
 class RewardModel:
     def __init__(self, cfg: RunConfig, device: str):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from actors.common import torch_device
 
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)

@@ -201,6 +201,12 @@ class TrainConfig:
         return self.share_prompt_forward and self.zero_stage != 3 and not self.gradient_checkpointing
 
 
+# vLLM loads these HF modules into one fused module each (qkv_proj, gate_up_proj): a LoRA sync must
+# carry all of a group or none, or the fused module would be reloaded half-filled; so
+# train.lora_target_modules names all of a group or none of it.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 @dataclass(frozen=True)
 class WeightSyncConfig:
     # auto: ipc when colocated (CUDA IPC on GPU, shared memory on CPU), else nccl on GPU, gloo on CPU
@@ -413,8 +419,6 @@ class RunConfig:
         need(not self.train.offload_params or self.train.zero_stage == 3, "train.offload_params",
              "needs train.zero_stage = 3 (only ZeRO-3 partitions the parameters)")
         if self.train.lora_rank:
-            from actors.lora import FUSED_GROUPS
-
             targets = set(self.train.lora_target_modules)
             need(self.train.lora_rank > 0 and bool(targets), "train.lora_rank", "must be >= 0, with target modules")
             need(self.train.zero_stage <= 2, "train.lora_rank", "LoRA needs train.zero_stage <= 2 (the adapters "

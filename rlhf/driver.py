@@ -107,7 +107,8 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
 
             # 1-2. prompts -> rollout -> reward -> replay buffer, group by group; a batch comes out
             # (DAPO's dynamic sampling: groups without signal are filtered and replaced)
-            groups = stream.next_batch(step, m)
+            groups, rollout = stream.next_batch(step)
+            m.update(rollout.metrics())
             topo.colocated_sleep(True)  # colocated on GPU: the generators' memory goes to the trainer
 
             # 3. the trainer's ("old") and the reference's log-probs of the sampled tokens; the critic's values
@@ -150,10 +151,11 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
                 m.update(push_weights(topo, version=step))
             stream.weights_pushed()
             if step == cfg.steps:
-                stream.stop(m)  # what is still in flight is counted as dropped
+                rollout = rollout.ended(stream.stop())  # what is still in flight is counted as dropped
+                m.update(rollout.metrics())
 
             # 7. log
-            m.update(rollout_metrics(samples, m.get("timing/generate_s", m["rollout/interval_s"])))
+            m.update(rollout_metrics(samples, rollout.generation_s))
             if "sync/logprob_gap" in m:  # absent when no sample of the batch came from the trainer's weights
                 m["sync/gap_alarm"] = gap_alarm(m["sync/logprob_gap"], cfg.gap_alarm, step,
                                                 cfg.weight_sync.on_gap_alarm == "raise")

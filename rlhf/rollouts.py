@@ -9,16 +9,12 @@ moment it finishes, so short and long completions do not wait for each other. Th
     async mode: a background thread keeps generating while the trainer trains; a group may come
                 from weights up to `rollout.max_staleness` versions older than the trainer's.
 
-Admission (which prompt may start now) is what keeps staleness bounded without waste: a prompt
-admitted now lands in step  s = next untaken step + slots already held // prompts_per_step, and
-is admitted only if the weights the generators serve (version v) will be at most max_staleness
-versions behind the trainer at that step (s - 1 - v <= max_staleness), if s <= cfg.steps, and if
-the buffer has a free slot. With max_staleness 0 that is exactly the sync schedule. Groups that
-still arrive too old (a slow generator, reordering by the DAPO filter) are dropped when a batch is
-taken, and counted.
+Which prompt may start, which group is filtered and which is too old to train are pure functions in
+`rlhf/admission.py`; this module holds the state they decide on and the threads that act on it.
 
 Accounting: every prompt the loader hands out is resolved in exactly one step as trained, filtered
-(DAPO's no-signal filter) or dropped (stale, or still unused when the run ends); `data/prompts_*`.
+(DAPO's no-signal filter) or dropped (stale, or still unused when the run ends); each batch comes
+with a `StepAccounting`, whose `metrics()` are the run's `data/prompts_*`, `buffer/*` and timings.
 """
 
 from __future__ import annotations
@@ -26,12 +22,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
 import torch
 
 from reward.api import RewardScorer
+from rlhf.admission import admission_step, keep_groups, min_version
 from rlhf.algorithms import groups_with_signal
 from rlhf.buffer import ReplayBuffer
 from rlhf.config import RunConfig
@@ -45,6 +43,84 @@ def step_seed(cfg: RunConfig, step: int) -> int:
     return cfg.seed * 1_000_003 + step * 10_007
 
 
+@dataclass(frozen=True)
+class StepAccounting:
+    """What the stream did for one batch: where every prompt resolved since the previous batch went,
+    the reward stage's metrics over those prompts, the buffer after the take, and the time spent.
+    `metrics()` names each as the run logs it."""
+
+    trained: int  # groups in the batch
+    filtered: int  # groups DAPO's filter removed for lack of signal
+    stale: int  # ready groups dropped at the take: older than min_version(step)
+    filled_without_signal: int  # groups without signal trained anyway: the filter's rounds ran out
+    reward: dict[str, float]  # the reward stage's metrics: failure counts summed, means weighted by samples
+    buffer_groups: int  # groups ready in the buffer after the take
+    in_flight: int  # requests at the generators after the take
+    blocked_s: float  # producers held back by a full buffer, summed over the run
+    age_s: float  # mean seconds the batch's groups sat ready before the take
+    overlapped: bool  # async mode: generation and scoring ran beside training, the driver only waited
+    elapsed_s: float  # the driver's seconds in next_batch (sync: generating and scoring; async: waiting)
+    reward_s: float  # seconds scoring the groups resolved since the previous batch
+    wait_s: float  # seconds the driver waited on the buffer for the batch
+    interval_s: float  # seconds since the previous batch was taken: generation's pace
+    run_end: int | None = None  # prompts in flight or ready when the run stopped; None before the last step
+
+    @property
+    def dropped(self) -> int:
+        return self.stale + (self.run_end or 0)
+
+    @property
+    def taken(self) -> int:
+        """Every prompt resolved in this step: trained + filtered + dropped."""
+        return self.trained + self.filtered + self.dropped
+
+    @property
+    def generation_s(self) -> float:
+        """Seconds of generation behind the batch: sync, the driver's wait less scoring; async, the
+        interval between batches (generation ran beside training)."""
+        return self.interval_s if self.overlapped else self.elapsed_s - self.reward_s
+
+    def ended(self, unused: int) -> StepAccounting:
+        """The last step's accounting with the prompts the run's end left unused counted as dropped."""
+        return replace(self, run_end=unused)
+
+    def metrics(self) -> dict[str, float]:
+        m = {"data/prompts_taken": float(self.taken), "data/prompts_trained": float(self.trained),
+             "data/prompts_filtered": float(self.filtered), "data/prompts_dropped": float(self.dropped),
+             "data/filtered/no_signal": float(self.filtered), "data/dropped/stale": float(self.stale),
+             "data/filled_without_signal": float(self.filled_without_signal)}
+        m.update(self.reward)
+        m.update({"buffer/groups": float(self.buffer_groups), "buffer/in_flight": float(self.in_flight),
+                  "buffer/blocked_s": self.blocked_s, "buffer/age_s": self.age_s})
+        if self.overlapped:
+            m["timing/wait_s"] = self.elapsed_s
+            m["rollout/reward_s"] = self.reward_s
+        else:
+            m["timing/generate_s"] = self.elapsed_s - self.reward_s
+            m["timing/reward_s"] = self.reward_s
+        m["buffer/wait_s"] = self.wait_s
+        m["rollout/interval_s"] = self.interval_s
+        if self.run_end is not None:
+            m["data/dropped/run_end"] = float(self.run_end)
+        return m
+
+
+@dataclass
+class _Tally:
+    """What was resolved since the last batch was taken (changed under the stream's lock)."""
+
+    filtered: int = 0
+    filled_without_signal: int = 0
+    reward_s: float = 0.0
+    failures: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    reward_sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # metric x samples
+    reward_n: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # samples per metric
+
+    def reward(self) -> dict[str, float]:
+        means = {k: self.reward_sums[k] / self.reward_n[k] for k in self.reward_sums if self.reward_n[k]}
+        return {**self.failures, **means}
+
+
 class RolloutStream:
     def __init__(self, topo: Any, loader: PromptLoader, scorer: RewardScorer, cfg: RunConfig, first_step: int = 1):
         self.topo, self.loader, self.scorer, self.cfg = topo, loader, scorer, cfg
@@ -53,10 +129,8 @@ class RolloutStream:
         self.next_step = first_step  # the step whose batch has not been taken yet
         self._inflight: dict[Any, tuple[int, Prompt, int, int]] = {}  # ref -> (generator, prompt, seed, order)
         self._admitted = 0  # prompts admitted so far: each group's order in the batches
-        self._lock = threading.RLock()  # admission, collection and the counters below
-        self._counts: dict[str, float] = defaultdict(float)  # resolved since the last batch was taken
-        self._reward_sums: dict[str, float] = defaultdict(float)
-        self._reward_n: dict[str, float] = defaultdict(float)
+        self._lock = threading.RLock()  # admission, collection and the tally
+        self._tally = _Tally()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -64,8 +138,8 @@ class RolloutStream:
         self._last_progress = time.monotonic()  # when a group last finished, or the stream last went idle
 
     # ---- the trainer's side ----
-    def next_batch(self, step: int, m: dict[str, float]) -> list[SampleGroup]:
-        """The groups to train at `step` (trainer weights: version step - 1), with this step's accounting in m."""
+    def next_batch(self, step: int) -> tuple[list[SampleGroup], StepAccounting]:
+        """The groups to train at `step` (trainer weights: version step - 1), and this step's accounting."""
         if step != self.next_step:
             raise RuntimeError(f"batch for step {step} asked, the stream is at step {self.next_step}")
         async_mode = self.cfg.rollout.mode == "async"
@@ -75,36 +149,35 @@ class RolloutStream:
                 self._thread = threading.Thread(target=self._produce, name="rollout-stream", daemon=True)
                 self._thread.start()
             self._wake.set()
-        min_version = step - 1 - self.cfg.max_staleness
+        oldest = min_version(step, self.cfg.max_staleness)
         if not async_mode:
-            while self.buffer.count_ready(min_version) < self.batch_groups:
+            while self.buffer.count_ready(oldest) < self.batch_groups:
                 self._admit()
                 if not self._inflight:
                     raise RuntimeError(f"step {step}: no batch ready and nothing admitted to generate "
                                        f"({self.buffer.reserved} slots held of {self.buffer.capacity})")
                 self._collect(timeout=1.0)
         waited = self.buffer.wait_s
-        self.buffer.wait_ready(self.batch_groups, min_version)
+        self.buffer.wait_ready(self.batch_groups, oldest)
         with self._lock:  # taking and moving on to the next step are one move for admission
-            groups, dropped = self.buffer.take(self.batch_groups, min_version)
+            groups, dropped = self.buffer.take(self.batch_groups, oldest)
             self.next_step = step + 1
-            reward_s = self._counts.pop("reward_s", 0.0)
-            m.update(self._resolve(groups, dropped))
+            tally, self._tally = self._tally, _Tally()
+            in_buffer, in_flight = len(self.buffer), len(self._inflight)
+            blocked_s, age_s = self.buffer.blocked_s, self.buffer.last_age_s
         now = time.perf_counter()
-        if async_mode:  # generation and scoring ran beside training; the driver only waited
-            m["timing/wait_s"] = now - t0
-            m["rollout/reward_s"] = reward_s
-        else:
-            m["timing/generate_s"] = now - t0 - reward_s
-            m["timing/reward_s"] = reward_s
-        m["buffer/wait_s"] = self.buffer.wait_s - waited
-        m["rollout/interval_s"] = now - self._last_take  # since the previous batch: generation's pace
+        accounting = StepAccounting(
+            trained=len(groups), filtered=tally.filtered, stale=len(dropped),
+            filled_without_signal=tally.filled_without_signal, reward=tally.reward(), buffer_groups=in_buffer,
+            in_flight=in_flight, blocked_s=blocked_s, age_s=age_s, overlapped=async_mode, elapsed_s=now - t0,
+            reward_s=tally.reward_s, wait_s=self.buffer.wait_s - waited, interval_s=now - self._last_take)
         self._last_take = now
         self._wake.set()  # slots were freed: the producer may admit more
-        return groups
+        return groups, accounting
 
-    def stop(self, m: dict[str, float]) -> None:
-        """End of the run: stop producing; groups still in flight or ready are dropped (counted in m)."""
+    def stop(self) -> int:
+        """End of the run: stop producing. Returns how many prompts were still in flight or ready:
+        they are dropped (see StepAccounting.ended)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -113,9 +186,7 @@ class RolloutStream:
             unused = len(self._inflight) + len(self.buffer)
             self._inflight.clear()
             self.buffer.close()
-        for k in ("taken", "dropped"):
-            m[f"data/prompts_{k}"] = m.get(f"data/prompts_{k}", 0.0) + unused
-        m["data/dropped/run_end"] = float(unused)
+        return unused
 
     def weights_pushed(self) -> None:
         """A new version is served: admission may let more prompts start."""
@@ -150,24 +221,23 @@ class RolloutStream:
         except BaseException as e:  # the trainer's take must not wait for a producer that is gone
             self.buffer.close(e)
 
-    def _target_step(self) -> int:
-        return self.next_step + self.buffer.reserved // self.batch_groups
-
-    def _may_admit(self) -> bool:
-        s = self._target_step()
-        staleness = s - 1 - self.topo.weight_sync.version
-        return (not self._stop.is_set() and self.buffer.reserved < self.buffer.capacity and s <= self.cfg.steps
-                and staleness <= self.cfg.max_staleness)
+    def _admission_step(self) -> int | None:
+        """The step a prompt admitted now would be trained at, or None (rlhf/admission.py)."""
+        if self._stop.is_set():
+            return None
+        return admission_step(next_step=self.next_step, reserved=self.buffer.reserved,
+                              prompts_per_step=self.batch_groups, capacity=self.buffer.capacity,
+                              served_version=self.topo.weight_sync.version, max_staleness=self.cfg.max_staleness,
+                              steps=self.cfg.steps)
 
     def _admit(self) -> None:
         """Send every prompt admission allows, each to the generator with the fewest requests in flight."""
         with self._lock:
-            while self._may_admit():
-                seed = step_seed(self.cfg, self._target_step())
+            while (step := self._admission_step()) is not None:
                 if not self.buffer.reserve(timeout=0):
                     return
                 prompt = self.loader.next_batch(1)[0]
-                self._submit(prompt, seed, self._least_loaded(), self._admitted)
+                self._submit(prompt, step_seed(self.cfg, step), self._least_loaded(), self._admitted)
                 self._admitted += 1
 
     def _least_loaded(self) -> int:
@@ -230,43 +300,26 @@ class RolloutStream:
         metrics = self.scorer.score(groups)
         metrics.update(shape_rewards(samples, a, self.cfg.rollout.max_new_tokens))
         seconds = time.perf_counter() - t0
-        keep = [True] * len(groups)
+        signal = [True] * len(groups)
         if a.dynamic_sampling:
             rewards = torch.tensor([s.reward for s in samples])
-            keep = groups_with_signal(rewards, self.cfg.rollout.samples_per_prompt).tolist()
+            signal = groups_with_signal(rewards, self.cfg.rollout.samples_per_prompt).tolist()
         with self._lock:
-            self._counts["reward_s"] += seconds
+            tally = self._tally
+            tally.reward_s += seconds
             for key, value in metrics.items():
                 if key.endswith("failures") or "/failures/" in key:
-                    self._counts[key] += value
+                    tally.failures[key] += value
                 else:
-                    self._reward_sums[key] += value * len(samples)
-                    self._reward_n[key] += len(samples)
-            # DAPO's dynamic sampling: a group with no spread in its rewards gives a group baseline no
-            # signal and is filtered, and more prompts are admitted in its place; after
-            # (max_sampling_rounds - 1) batches' worth filtered in one step, such groups are trained anyway.
-            for (g, order), signal in zip(ordered, keep):
-                if signal or self._counts["filtered"] >= (a.max_sampling_rounds - 1) * self.batch_groups:
-                    self._counts["filled_without_signal"] += not signal
+                    tally.reward_sums[key] += value * len(samples)
+                    tally.reward_n[key] += len(samples)
+            # DAPO's dynamic sampling (rlhf/admission.py): a group without signal is filtered, and
+            # admission sends another prompt for its freed slot
+            keep = keep_groups(signal, tally.filtered, (a.max_sampling_rounds - 1) * self.batch_groups)
+            for (g, order), has_signal, kept in zip(ordered, signal, keep):
+                if kept:
+                    tally.filled_without_signal += not has_signal
                     self.buffer.put(g, order)
                 else:  # no spread in the group's rewards: no signal for a group baseline
-                    self._counts["filtered"] += 1
+                    tally.filtered += 1
                     self.buffer.release()
-
-    def _resolve(self, groups: list[SampleGroup], dropped: list[SampleGroup]) -> dict[str, float]:
-        """This step's accounting and reward metrics; resets the counters for the next step."""
-        c = self._counts
-        trained, filtered, stale = len(groups), c.pop("filtered", 0.0), float(len(dropped))
-        m = {"data/prompts_taken": trained + filtered + stale, "data/prompts_trained": float(trained),
-             "data/prompts_filtered": filtered, "data/prompts_dropped": stale, "data/filtered/no_signal": filtered,
-             "data/dropped/stale": stale, "data/filled_without_signal": c.pop("filled_without_signal", 0.0)}
-        m.update(c)  # failure counts
-        m.update({k: self._reward_sums[k] / self._reward_n[k] for k in self._reward_sums if self._reward_n[k]})
-        c.clear()
-        self._reward_sums.clear()
-        self._reward_n.clear()
-        m["buffer/groups"] = float(len(self.buffer))
-        m["buffer/in_flight"] = float(len(self._inflight))
-        m["buffer/blocked_s"] = self.buffer.blocked_s
-        m["buffer/age_s"] = self.buffer.last_age_s
-        return m
