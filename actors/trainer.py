@@ -119,8 +119,10 @@ class PolicyTrainer(DeepSpeedRank):
         host = node_host()
         return host, free_port(host)
 
-    def init_weight_sync(self, endpoint, world_size: int, bucket_bytes: int) -> None:
-        self.sender.connect(endpoint.backend, endpoint.host, endpoint.port, world_size,
+    def init_weight_sync(self, backend: str, endpoint, world_size: int, bucket_bytes: int) -> None:
+        """Join a sync group as its sender at `endpoint` (a SyncEndpoint), or with None take part in pushes
+        without sending (weight_sync.service.sync_links says which ranks send)."""
+        self.sender.connect(backend, (endpoint.host, endpoint.port) if endpoint is not None else None, world_size,
                             self.cfg.weight_sync.timeout_s, bucket_bytes)
 
     def send_weights(self, version: int, verify: bool) -> tuple[int, list[int] | None]:
