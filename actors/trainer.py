@@ -131,6 +131,15 @@ class PolicyTrainer(DeepSpeedRank):
     def close_weight_sync(self) -> None:
         self.sender.close()
 
+    def release_cached_memory(self) -> None:
+        """Hand the blocks torch's caching allocator keeps free (activations, the step's temporaries) back
+        to the device, for a colocated generator's KV cache; the model and optimizer states stay."""
+        if self.device.type == "cuda":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
     def save_hf(self, path: str) -> None:
         """The policy and its tokenizer in HF format, loadable by transformers and vLLM (rank 0 writes;
         all ranks call, since ZeRO-3 gathers the parameters collectively)."""
