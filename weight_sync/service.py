@@ -89,10 +89,8 @@ class WeightSyncService:
                      for link in self.links}
         refs = {}
         for i, r in enumerate(self.trainer_ranks):  # a rank that sends to no one still gathers under ZeRO-3
-            link = next((link for link in self.links if link.sender == i), None)
-            refs[r.init_weight_sync.remote(self.backend, endpoints.get(i), link.world_size if link else 0,
-                                           bucket_bytes)] = \
-                f"trainer-rank-{i}"
+            world = next((link.world_size for link in self.links if link.sender == i), 0)
+            refs[r.init_weight_sync.remote(self.backend, endpoints.get(i), world, bucket_bytes)] = f"trainer-rank-{i}"
         for link in self.links:
             for g, off in zip(link.generators, link.offsets):
                 refs[self.generators[g].init_weight_sync.remote(endpoints[link.sender], link.world_size, off, params,
