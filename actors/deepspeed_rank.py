@@ -44,20 +44,29 @@ def deepspeed_config(cfg: RunConfig, device: str, lr: float, num_params: int = 5
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        # Offload steps the optimizer on the host: DeepSpeed's CPU Adam on GPU machines; on CPU torch's
-        # AdamW (below), which DeepSpeed refuses with offload unless told it is meant.
-        "zero_force_ds_cpu_optimizer": device != "cpu",
+        # train.optimizer=torch with ZeRO-Offload steps torch's AdamW on the host, which DeepSpeed refuses
+        # for a client optimizer unless told it is meant (it checks no configured one; said for clarity).
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-        "optimizer": {
-            "type": "AdamW",
-            # On CPU, torch's AdamW: DeepSpeed's default fused Adam needs CUDA, and its CPU Adam
-            # JIT-compiles for ~45 s on first use.
-            "params": {"lr": lr, "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay,
-                       "torch_adam": device == "cpu"},
-        },
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(t.adam_betas), "eps": 1e-8,
+                                                  "weight_decay": t.weight_decay, **optimizer_choice(cfg, device)}},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def optimizer_choice(cfg: RunConfig, device: str) -> dict[str, Any]:
+    """The optimizer parameters that pick the implementation (DeepSpeed's get_optimizer_configuration).
+
+    torch_adam: torch.optim.AdamW, whatever the device. Without it DeepSpeed picks FusedAdam on GPU and
+    DeepSpeedCPUAdam under offload, both C++/CUDA ops that its pip wheels ship unbuilt and that it
+    JIT-compiles on first use (nvcc and CUDA_HOME on a GPU machine; ~45 s of g++ on CPU). On GPU with the
+    optimizer states on the GPU, torch's fused kernel (one launch for all parameters, as FusedAdam). On the
+    host (CPU runs, offload) torch's default foreach implementation: CPU runs keep the numbers they had."""
+    if cfg.train.optimizer == "deepspeed":
+        return {}
+    on_gpu = device == "cuda" and not cfg.train.offload_optimizer
+    return {"torch_adam": True, **({"fused": True} if on_gpu else {})}
 
 
 def lr_schedule(cfg: RunConfig) -> Any:

@@ -85,8 +85,10 @@ class PolicyTrainer(DeepSpeedRank):
         host = node_host()
         return host, free_port(host)
 
-    def init_weight_sync(self, endpoint, world_size: int, bucket_bytes: int) -> None:
-        self.sender.connect(endpoint.backend, endpoint.host, endpoint.port, world_size,
+    def init_weight_sync(self, backend: str, endpoint, world_size: int, bucket_bytes: int) -> None:
+        """Join a sync group as its sender at `endpoint` (a SyncEndpoint), or with None take part in pushes
+        without sending (weight_sync.service.sync_links says which ranks send)."""
+        self.sender.connect(backend, (endpoint.host, endpoint.port) if endpoint is not None else None, world_size,
                             self.cfg.weight_sync.timeout_s, bucket_bytes)
 
     def send_weights(self, version: int, verify: bool) -> tuple[int, list[int] | None]:
@@ -94,6 +96,15 @@ class PolicyTrainer(DeepSpeedRank):
 
     def close_weight_sync(self) -> None:
         self.sender.close()
+
+    def release_cached_memory(self) -> None:
+        """Hand the blocks torch's caching allocator keeps free (activations, the step's temporaries) back
+        to the device, for a colocated generator's KV cache; the model and optimizer states stay."""
+        if self.device.type == "cuda":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
 
     def save_hf(self, path: str) -> None:
         """The policy and its tokenizer in HF format, loadable by transformers and vLLM (rank 0 writes;

@@ -174,6 +174,10 @@ class TrainConfig:
     lr_schedule: Literal["constant", "linear"] = "constant"  # linear: decays to 0 at the run's last optimizer step
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    # torch: torch's AdamW, fused on GPU (DeepSpeed's pip wheel ships no prebuilt ops; its FusedAdam and
+    # DeepSpeedCPUAdam JIT-compile on first use, which needs nvcc and CUDA_HOME on GPU machines, g++ on CPU).
+    # deepspeed: DeepSpeed's own ops (FusedAdam; DeepSpeedCPUAdam with train.offload_optimizer), where built.
+    optimizer: Literal["torch", "deepspeed"] = "torch"
     grad_clip: float = 1.0
     mini_batch_size: int = 32
     micro_batch_size: int = 8

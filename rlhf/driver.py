@@ -25,6 +25,7 @@ is skipped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -109,7 +110,7 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
             # (DAPO's dynamic sampling: groups without signal are filtered and replaced)
             groups, rollout = stream.next_batch(step)
             m.update(rollout.metrics())
-            topo.colocated_sleep(True)  # colocated on GPU: the generators' memory goes to the trainer
+            topo.colocated_sleep()  # colocated on GPU: the generators' memory goes to the trainer
 
             # 3. the trainer's ("old") and the reference's log-probs of the sampled tokens; the critic's values
             samples = [s for g in groups for s in g.samples]
@@ -147,8 +148,8 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
 
             # 6. weight sync: every generator serves the new policy version
             with timed(m, "sync"):
-                topo.colocated_sleep(False)
-                m.update(push_weights(topo, version=step))
+                # colocated: weights wake, push, the trainer's cache is released, then the KV cache wakes
+                m.update(topo.colocated_push(functools.partial(push_weights, topo, version=step)))
             stream.weights_pushed()
             if step == cfg.steps:
                 rollout = rollout.ended(stream.stop())  # what is still in flight is counted as dropped

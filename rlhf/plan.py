@@ -37,6 +37,26 @@ GIB = 2**30
 # with `ps` on this project's machine: a vLLM generator is three processes (the actor, vLLM's engine
 # core and its worker); a DeepSpeed rank one.
 RUNTIME_GIB = {"generator": 2.1, "trainer": 0.6, "critic": 0.6, "reference": 0.5, "reward_model": 0.5}
+# On GPU, what a DeepSpeed rank holds besides its tensors, estimated (not yet measured on this project's
+# stack): the CUDA context with torch's kernels (~0.5 GiB with lazy module loading), and an NCCL
+# communicator's buffers (NCCL_BUFFSIZE 4 MiB per channel and peer; ~0.25 GiB for a small group).
+CUDA_CONTEXT_GIB = 0.5
+NCCL_GIB = 0.25
+
+
+def sync_backend(cfg: RunConfig, device: str) -> str:
+    """weight_sync.backend with auto resolved: ipc when colocated, else nccl on GPU and gloo on CPU."""
+    backend = cfg.weight_sync.backend
+    if backend == "auto":
+        backend = "ipc" if cfg.resources.colocate else "nccl" if device == "cuda" else "gloo"
+    return backend
+
+
+def sync_buffer_bytes(cfg: RunConfig, shape: ModelShape) -> float:
+    """The two send buffers a sending trainer rank keeps (weight_sync.sender), each the largest bucket:
+    weight_sync.bucket_mb, or the embedding when it is larger (a tensor larger than a bucket travels alone)."""
+    width = 2 if cfg.model.dtype == "bfloat16" else 4
+    return 2 * max(cfg.weight_sync.bucket_mb * 2**20, width * shape.vocab * shape.hidden)
 
 
 class PlanError(RuntimeError):
@@ -127,8 +147,10 @@ def generator_memory(cfg: RunConfig, shape: ModelShape, device: str) -> dict[str
     r, tp = cfg.rollout, cfg.rollout.tensor_parallel_size
     width = 2 if cfg.model.dtype == "bfloat16" else 4
     weights = width * shape.params / GIB
-    if device == "cuda":  # vLLM sizes its whole footprint (weights + KV cache) as a fraction of the GPU
-        return {"weights + kv_cache (per GPU)": r.gpu_memory_utilization * cfg.resources.gpu_memory_gb}
+    if device == "cuda":  # vLLM sizes its whole footprint (weights + KV cache) as a fraction of each GPU
+        # The receive buffers of a push come on top of vLLM's budget: two buckets in flight, each worker.
+        return {f"weights + kv_cache ({tp} GPU{'s' if tp > 1 else ''})": r.gpu_memory_utilization
+                * cfg.resources.gpu_memory_gb * tp, "weight_sync_buffers": sync_buffer_bytes(cfg, shape) * tp / GIB}
     return {"weights": weights, "kv_cache": float(r.kv_cache_gb) * tp, "weight_sync_buffers": weights}
 
 
@@ -154,11 +176,21 @@ def build_plan(cfg: RunConfig, device: str, shape: ModelShape | None = None) -> 
     roles = [("trainer", "trainer-rank", r.trainer_cpus, r.trainer_gpus, r.trainer_node)]
     if cfg.uses_critic:
         roles.append(("critic", "critic-rank", r.critic_cpus, r.critic_gpus, r.critic_node))
+    backend = sync_backend(cfg, device)
+    senders = range(min(cfg.rollout.num_generators, cfg.train.ranks)) if backend == "ipc" else range(1)
     for kind, name, cpus, gpus, node in roles:
         for i in range(cfg.train.ranks):
             dev, host = trainer_memory(cfg, shape)
             if not gpu:
                 dev, host = {}, {**dev, **host}
+            else:
+                dev["cuda_context"] = CUDA_CONTEXT_GIB
+                if cfg.train.ranks > 1:
+                    dev["nccl (DeepSpeed)"] = NCCL_GIB
+                if kind == "trainer" and i in senders:
+                    dev["weight_sync_buffers"] = sync_buffer_bytes(cfg, shape) / GIB
+                    if backend == "nccl":
+                        dev["nccl (weight sync)"] = NCCL_GIB
             plans.append(ActorPlan(f"{name}-{i}", kind, bundle(cpus, gpus, node), dev, host))
     if cfg.uses_reference:
         mem = {"weights": 4 * shape.params / GIB, "logits": activation_bytes(cfg, shape, training=False) / GIB}
@@ -222,6 +254,7 @@ def check(plans: list[ActorPlan], nodes: list[dict[str, Any]], cfg: RunConfig, d
     """Refuse what cannot fit: an actor above its share of a GPU, or a node's actors above its memory."""
     r = cfg.resources
     if device == "cuda":
+        check_gpu_sharing(cfg)
         for p in plans:
             gpus = p.bundle.get("GPU", 0.0)
             if p.kind == "generator":  # vLLM's budget is a fraction of each GPU; the weights must fit in it
@@ -230,14 +263,21 @@ def check(plans: list[ActorPlan], nodes: list[dict[str, Any]], cfg: RunConfig, d
                 have = cfg.rollout.gpu_memory_utilization * r.gpu_memory_gb
                 what = (f"its weights ({need:.1f} GiB per GPU at tensor_parallel_size={tp}) in "
                         f"rollout.gpu_memory_utilization x resources.gpu_memory_gb = {have:.1f} GiB")
+                if need <= have and not r.colocate:  # the receive buffers must fit beside vLLM's budget
+                    buffers = p.device_gib.get("weight_sync_buffers", 0.0) / tp
+                    need, have = have + buffers, r.gpu_memory_gb * min(p.bundle.get("GPU", 1.0) / tp, 1.0)
+                    what = (f"rollout.gpu_memory_utilization x resources.gpu_memory_gb plus the weight-sync receive "
+                            f"buffers ({buffers:.2f} GiB) in its share of a GPU ({have:.1f} GiB)")
             else:
                 need, have = p.device_total, r.gpu_memory_gb * min(gpus, 1.0)
                 what = f"{need:.1f} GiB on its GPU ({breakdown(p.device_gib)}) but gets {have:.1f} GiB"
                 if r.colocate and p.kind == "trainer":  # the generator's share of the GPU comes on top
-                    need += cfg.rollout.gpu_memory_utilization * r.gpu_memory_gb
+                    generator = next((g for g in plans if g.colocated_with == p.role), None)
+                    if generator is not None:
+                        need += generator.device_total
                     have = r.gpu_memory_gb
                     what = (f"{p.device_total:.1f} GiB ({breakdown(p.device_gib)}) plus the colocated generator's "
-                            f"rollout.gpu_memory_utilization x {r.gpu_memory_gb:g} GiB on one GPU")
+                            f"rollout.gpu_memory_utilization x {r.gpu_memory_gb:g} GiB and receive buffers on one GPU")
             if need > have:
                 raise PlanError(f"{p.role} does not fit: {what}; short by {need - have:.1f} GiB")
     for i, n in enumerate(nodes):
@@ -251,6 +291,67 @@ def check(plans: list[ActorPlan], nodes: list[dict[str, Any]], cfg: RunConfig, d
                             f"memory, it has "
                             f"{total:.1f} GiB: short by {need - total:.1f} GiB; the largest is {worst.role} "
                             f"({worst.host_total:.1f} GiB: {breakdown(worst.host_gib)})")
+
+
+def check_gpu_sharing(cfg: RunConfig) -> None:
+    """Refuse GPU shares that make a GPU run fail at start-up or at its first push, naming the roles.
+
+    Ray grants fractional GPUs by packing: actors (or bundles) whose shares add up to at most 1 may land
+    on one GPU, and nothing says they will not.
+      - resources.colocate means one GPU: generator i rides in trainer rank i's bundle, and a bundle of
+        more than one GPU gets two, the two processes each see their own, and the ipc push cannot map
+        the trainer's memory.
+      - NCCL refuses a communicator with two ranks on one GPU: DeepSpeed's (trainer ranks, critic ranks),
+        vLLM's tensor-parallel one (its workers), and the weight sync's over nccl (trainer rank 0 and every
+        generator worker).
+      - vLLM reserves rollout.gpu_memory_utilization of the whole device per engine: engines that may share
+        a GPU must add up to at most 1.
+    """
+    r, rollout = cfg.resources, cfg.rollout
+    tp, backend = rollout.tensor_parallel_size, sync_backend(cfg, "cuda")
+    if r.colocate:
+        total = r.trainer_gpus + r.generator_gpus
+        if total > 1 + 1e-9:
+            raise PlanError(f"resources.colocate: trainer-rank-i and generator-i must share one GPU, but "
+                            f"resources.trainer_gpus + resources.generator_gpus = {r.trainer_gpus:g} + "
+                            f"{r.generator_gpus:g} = {total:g}: their bundle would span two GPUs and each would see "
+                            f"only its own (the ipc push then fails); use fractions adding up to 1, e.g. 0.5 and 0.5")
+        if backend == "nccl":
+            raise PlanError("weight_sync.backend=nccl with resources.colocate: trainer-rank-0 and generator-0 share "
+                            "a GPU, and NCCL refuses two ranks of one communicator on one GPU; use "
+                            "weight_sync.backend=ipc (or auto)")
+    if tp > 1 and abs(r.generator_gpus - 1) > 1e-9:
+        raise PlanError(f"rollout.tensor_parallel_size={tp}: each generator's {tp} workers form an NCCL group and "
+                        f"need a GPU each, so resources.generator_gpus must be 1 (it is {r.generator_gpus:g}: the "
+                        f"engine would get {r.generator_gpus * tp:g} GPUs for {tp} workers)")
+    bundle = r.trainer_gpus + (r.generator_gpus if r.colocate else 0.0)  # what one trainer rank's bundle holds
+    groups = [("trainer", cfg.train.ranks, bundle, "resources.trainer_gpus"),
+              ("critic", cfg.train.ranks if cfg.uses_critic else 0, r.critic_gpus, "resources.critic_gpus")]
+    for kind, ranks, share, key in groups:
+        if ranks > 1 and 2 * share <= 1 + 1e-9:
+            raise PlanError(f"{kind}-rank-0 and {kind}-rank-1 may share one GPU ({key}={share:g} each per bundle): "
+                            f"NCCL refuses two ranks of DeepSpeed's communicator on one GPU; give each {kind} rank "
+                            f"more than half a GPU")
+    workers = rollout.num_generators * tp
+    if backend == "nccl" and not r.colocate:
+        if r.trainer_gpus + r.generator_gpus <= 1 + 1e-9:
+            raise PlanError(f"weight_sync.backend=nccl: trainer-rank-0 (resources.trainer_gpus={r.trainer_gpus:g}) and "
+                            f"generator-0 (resources.generator_gpus={r.generator_gpus:g}) may share one GPU, and NCCL "
+                            f"refuses two ranks of the weight-sync communicator on one GPU; give them shares adding up "
+                            f"to more than 1, or colocate them (resources.colocate, weight sync over ipc)")
+        if workers > 1 and 2 * r.generator_gpus <= 1 + 1e-9:
+            raise PlanError(f"weight_sync.backend=nccl: generator-0 and generator-1 may share one GPU "
+                            f"(resources.generator_gpus={r.generator_gpus:g} each), and NCCL refuses two ranks of the "
+                            f"weight-sync communicator on one GPU")
+    if not r.colocate and rollout.num_generators > 1 and r.generator_gpus < 1:
+        per_gpu = min(rollout.num_generators, int(1 / r.generator_gpus + 1e-9))
+        total = per_gpu * rollout.gpu_memory_utilization
+        if per_gpu > 1 and total > 1 + 1e-9:
+            names = ", ".join(f"generator-{i}" for i in range(per_gpu))
+            raise PlanError(f"{names} may share one GPU (resources.generator_gpus={r.generator_gpus:g} each), and each "
+                            f"reserves rollout.gpu_memory_utilization={rollout.gpu_memory_utilization:g} of the whole "
+                            f"device: {total:g} of it together; lower rollout.gpu_memory_utilization to at most "
+                            f"{1 / per_gpu:.2f}, or give each generator a whole GPU")
 
 
 def breakdown(parts: dict[str, float]) -> str:

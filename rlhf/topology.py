@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from actors.trainer import PolicyTrainer, TrainerGroup
 from reward.model import RewardModel
 from rlhf.buffer import ReplayBuffer
 from rlhf.config import RunConfig
-from rlhf.plan import ActorPlan, plan_run, strategy
+from rlhf.plan import ActorPlan, plan_run, strategy, sync_backend
 from rollout.generator import Generator, generator_env
 from weight_sync.service import WeightSyncService
 
@@ -123,11 +124,24 @@ class Topology:
         if push:
             self.weight_sync.push(self.weight_sync.version)
 
-    def colocated_sleep(self, sleep: bool) -> None:
-        """resources.colocate: generators free their device memory while the trainer trains (sleep),
-        and take it back before weights arrive (wake). A no-op where vLLM has no sleep mode (CPU)."""
+    def colocated_sleep(self) -> None:
+        """resources.colocate: generators free their device memory while the trainer trains. A no-op
+        where vLLM has no sleep mode (CPU)."""
         if self.cfg.resources.colocate:
-            ray.get([g.sleep.remote() if sleep else g.wake_up.remote() for g in self.generators])
+            ray.get([g.sleep.remote() for g in self.generators])
+
+    def colocated_push(self, push: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """push() with the colocated generators woken around it (push_after_wake)."""
+        if not self.cfg.resources.colocate:
+            return push()
+
+        def wake(tags: list[str]) -> None:
+            ray.get([g.wake_up.remote(tags) for g in self.generators])
+
+        def release() -> None:
+            ray.get([r.release_cached_memory.remote() for r in self.trainer.ranks])
+
+        return push_after_wake(wake, push, release)
 
     def role_of(self, actor_id: str | None) -> str:
         """The role of the actor with this hex id ("trainer-rank-0", ...), for error messages."""
@@ -141,6 +155,42 @@ class Topology:
         return "an actor"
 
 
+def push_after_wake(wake: Callable[[list[str]], None], push: Callable[[], dict[str, float]],
+                    release_trainer_memory: Callable[[], None]) -> dict[str, float]:
+    """The colocated push, in veRL's order: the generators' weights come back (the push writes into
+    them), the push, the trainer hands its cached blocks (activations, gradients' buckets, the step's
+    temporaries) back to the device, and only then the KV cache comes back, into the room that frees.
+    Waking both at once would need the KV cache's memory while the trainer still holds its cache."""
+    wake(["weights"])
+    metrics = push()
+    release_trainer_memory()
+    wake(["kv_cache"])
+    return metrics
+
+
+def start_roles(colocated_gpu: bool, start_generators: Callable[[], list[Any]],
+                wait_started: Callable[[list[Any]], None], sleep: Callable[[list[Any]], None],
+                start_others: Callable[[], Any], wake: Callable[[list[Any]], None]) -> tuple[list[Any], Any]:
+    """(generators, what start_others returns: the trainer and the other roles), started in the order
+    their devices allow.
+
+    Apart, the engines load while the trainer ranks and the other models set up. Colocated on a GPU,
+    vLLM's start-up measures the whole device (it refuses to start when less than gpu_memory_utilization
+    of it is free, vllm.v1.worker.utils.request_memory, and sizes the KV cache from what its profile saw),
+    so a trainer allocating meanwhile makes it fail or shrink at random. There the generators start
+    first and go to sleep (weights to host memory, KV cache freed), the others set up on the freed
+    device, and the generators wake for the first rollout (as OpenRLHF does)."""
+    generators = start_generators()
+    if colocated_gpu:
+        wait_started(generators)
+        sleep(generators)
+    others = start_others()
+    wait_started(generators)  # apart: the engines loaded meanwhile
+    if colocated_gpu:
+        wake(generators)
+    return generators, others
+
+
 def resolve_device(cfg: RunConfig) -> str:
     if cfg.resources.device != "auto":
         return cfg.resources.device
@@ -150,7 +200,8 @@ def resolve_device(cfg: RunConfig) -> str:
 def check_resources(cfg: RunConfig, device: str) -> None:
     """Refuse, naming the shortfall, a config whose actors the cluster could never place (Ray would wait forever)."""
     r, ranks = cfg.resources, cfg.train.ranks
-    roles = [("generators", cfg.rollout.num_generators, r.generator_cpus, r.generator_gpus),
+    engine_gpus = r.generator_gpus * cfg.rollout.tensor_parallel_size  # generator_gpus per tensor-parallel worker
+    roles = [("generators", cfg.rollout.num_generators, r.generator_cpus, engine_gpus),
              ("trainer ranks", ranks, r.trainer_cpus, r.trainer_gpus)]
     if cfg.uses_reference:
         roles.append(("reference", 1, r.reference_cpus, r.reference_gpus))
@@ -185,35 +236,47 @@ def build_topology(cfg: RunConfig, device: str, run_id: str) -> Topology:
 
 def _build(cfg: RunConfig, device: str, run_id: str, created: list[Any], placement: Placement) -> Topology:
     r, gpu = cfg.resources, device == "cuda"
-    generators = [_start_generator(cfg, device, run_id, i, placement) for i in range(cfg.rollout.num_generators)]
-    created += generators
-    ranks = _deepspeed_ranks(PolicyTrainer, "trainer", cfg, device, run_id, r.trainer_cpus, r.trainer_gpus,
-                             created, placement)
-    trainer = TrainerGroup(ranks, cfg)
-    critic = None
-    if cfg.uses_critic:
-        critic = CriticGroup(_deepspeed_ranks(CriticTrainer, "critic", cfg, device, run_id, r.critic_cpus,
-                                              r.critic_gpus, created, placement), cfg)
-    reference = None
-    if cfg.uses_reference:
-        reference = Reference.options(name=f"{run_id}:reference", num_cpus=r.reference_cpus,
-                                      num_gpus=r.reference_gpus if gpu else 0,
-                                      **placement.options("reference", 0)).remote(cfg, device)
-        created.append(reference)
-    reward_model = None
-    if cfg.reward.model.path:
-        # Scoring is idempotent: Ray restarts a dead reward model and retries the call on the new one.
-        reward_model = RewardModel.options(name=f"{run_id}:reward-model", num_cpus=r.reward_model_cpus,
-                                           num_gpus=r.reward_model_gpus if gpu else 0,
-                                           max_restarts=cfg.reward.model.max_restarts,
-                                           max_task_retries=cfg.reward.model.max_restarts,
-                                           **placement.options("reward_model", 0)).remote(cfg, device)
-        created.append(reward_model)
-    wait_started(generators, [f"generator-{i}" for i in range(len(generators))])  # engines load meanwhile
-    backend = cfg.weight_sync.backend
-    if backend == "auto":
-        backend = "ipc" if r.colocate else "nccl" if gpu else "gloo"
-    weight_sync = WeightSyncService(ranks, generators, cfg.weight_sync, backend)
+
+    def start_generators() -> list[Any]:
+        started = [_start_generator(cfg, device, run_id, i, placement) for i in range(cfg.rollout.num_generators)]
+        created.extend(started)
+        return started
+
+    def start_others() -> tuple[TrainerGroup, CriticGroup | None, Any, Any]:
+        trainer = TrainerGroup(_deepspeed_ranks(PolicyTrainer, "trainer", cfg, device, run_id, r.trainer_cpus,
+                                                r.trainer_gpus, created, placement), cfg)
+        critic = None
+        if cfg.uses_critic:
+            critic = CriticGroup(_deepspeed_ranks(CriticTrainer, "critic", cfg, device, run_id, r.critic_cpus,
+                                                  r.critic_gpus, created, placement), cfg)
+        reference = None
+        if cfg.uses_reference:
+            reference = Reference.options(name=f"{run_id}:reference", num_cpus=r.reference_cpus,
+                                          num_gpus=r.reference_gpus if gpu else 0,
+                                          **placement.options("reference", 0)).remote(cfg, device)
+            created.append(reference)
+        reward_model = None
+        if cfg.reward.model.path:
+            # Scoring is idempotent: Ray restarts a dead reward model and retries the call on the new one.
+            reward_model = RewardModel.options(name=f"{run_id}:reward-model", num_cpus=r.reward_model_cpus,
+                                               num_gpus=r.reward_model_gpus if gpu else 0,
+                                               max_restarts=cfg.reward.model.max_restarts,
+                                               max_task_retries=cfg.reward.model.max_restarts,
+                                               **placement.options("reward_model", 0)).remote(cfg, device)
+            created.append(reward_model)
+        models = {name: a for name, a in (("reference", reference), ("reward-model", reward_model)) if a is not None}
+        if gpu and cfg.resources.colocate and models:  # they allocate in their constructors: before the engines wake
+            wait_started(list(models.values()), list(models))
+        return trainer, critic, reference, reward_model
+
+    generators, (trainer, critic, reference, reward_model) = start_roles(
+        r.colocate and gpu, start_generators,
+        lambda gs: wait_started(gs, [f"generator-{i}" for i in range(len(gs))]),
+        lambda gs: ray.get([g.sleep.remote() for g in gs]),
+        start_others,
+        lambda gs: ray.get([g.wake_up.remote() for g in gs]))
+    ranks = trainer.ranks
+    weight_sync = WeightSyncService(ranks, generators, cfg.weight_sync, sync_backend(cfg, device))
     weight_sync.connect()
     buffer = ReplayBuffer(capacity_groups=cfg.buffer_capacity)
     return Topology(generators, trainer, critic, reference, reward_model, weight_sync, buffer, cfg, device, run_id,

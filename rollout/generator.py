@@ -196,9 +196,11 @@ class Generator:
         await self.engine.call(self.engine.llm.sleep, level=1)
         return True
 
-    async def wake_up(self) -> None:
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take back the device memory sleep() freed: "weights", "kv_cache", or (None) both; what is
+        awake already stays as it is. A no-op where the platform has no sleep mode."""
         if self._can_sleep and await self.engine.call(self.engine.llm.is_sleeping):
-            await self.engine.call(self.engine.llm.wake_up)
+            await self.engine.call(self.engine.llm.wake_up, tags)
 
     async def reset_prefix_cache(self) -> None:
         await self.engine.call(self.engine.llm.reset_prefix_cache)

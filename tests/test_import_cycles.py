@@ -15,8 +15,8 @@ from tests.conftest import REPO
 
 PACKAGES = ("rlhf", "actors", "rollout", "reward", "weight_sync")
 
-# Cycles known and being removed in their own change (issue 18); delete the entry with the cycle.
-KNOWN = {frozenset({"weight_sync.group", "weight_sync.ipc"})}
+# Cycles known and being removed in their own change; delete the entry with the cycle.
+KNOWN: set[frozenset[str]] = set()
 
 
 def module_files(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:

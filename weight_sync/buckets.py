@@ -81,19 +81,33 @@ def unpack(bucket: Bucket, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]
     return [(m.name, flat[o : o + m.numel].view(m.shape)) for m, o in zip(bucket.params, bucket.offsets)]
 
 
-def tensor_checksums(bucket: Bucket, flat: torch.Tensor) -> list[int]:
+CHECKSUM_CHUNK = 1 << 22  # elements per pass: ~100 MB of int64 temporaries at most, wherever it runs
+
+
+def tensor_checksums(bucket: Bucket, flat: torch.Tensor, chunk: int = CHECKSUM_CHUNK) -> list[int]:
     """One exact integer checksum per tensor of a packed bucket.
 
     The tensor's bytes are read as integers (no float rounding, so sender and receiver agree bit
     for bit) and summed twice: plainly, and weighted by position, so that a flipped bit and two
     swapped elements both change it. Cost: a pass over the bucket, far below the transfer itself.
     Reduced modulo the prime 2**61 - 1 so that it fits the int64 that vLLM's msgpack RPC carries.
+
+    The pass runs `chunk` elements at a time: a whole tensor at once takes 24 bytes of int64
+    temporaries per element (the words, the weights, their product), inside the vLLM process on a
+    GPU. The int64 sums wrap modulo 2**64 the same way whether taken whole or chunk by chunk, so the
+    result does not depend on `chunk`.
     """
     out = []
     for meta, offset in zip(bucket.params, bucket.offsets):
-        words = _as_words(flat[offset : offset + meta.numel])
-        weights = torch.arange(1, words.numel() + 1, dtype=torch.int64, device=words.device) % 65521
-        out.append((int(words.sum()) * 1_000_003 + int((words * weights).sum())) % (2**61 - 1))
+        values = flat[offset : offset + meta.numel]
+        plain = torch.zeros((), dtype=torch.int64, device=flat.device)
+        weighted = torch.zeros((), dtype=torch.int64, device=flat.device)
+        for start in range(0, meta.numel, chunk):
+            words = _as_words(values[start : start + chunk])
+            weights = torch.arange(start + 1, start + words.numel() + 1, dtype=torch.int64, device=words.device) % 65521
+            plain += words.sum()
+            weighted += (words * weights).sum()
+        out.append((int(plain) * 1_000_003 + int(weighted)) % (2**61 - 1))
     return out
 
 

@@ -1,6 +1,7 @@
 """The dedicated trainer -> generators process group, one class per backend, same interface.
 
-Rank 0 is trainer rank 0 (the sender); ranks 1.. are the generators' vLLM workers. The group is
+Rank 0 is the sending trainer rank (weight_sync.service.sync_links); ranks 1.. are the generators'
+vLLM workers. The group is
 built with no global torch.distributed state, so it lives beside DeepSpeed's group in the trainer
 and vLLM's own group in the workers.
 """
@@ -13,26 +14,10 @@ import socket
 
 import torch
 
+from weight_sync.base import EventPending, Pending, SyncGroup
+from weight_sync.ipc import IpcGroup
 
-class Pending:
-    """An in-flight broadcast; wait() returns when the tensor is sent (or received) and raises on timeout."""
-
-    def wait(self) -> None:
-        raise NotImplementedError
-
-
-class SyncGroup:
-    rank: int
-    world_size: int
-    device: torch.device
-    zero_copy_ok = True  # may the sender hand a parameter's own storage to broadcast()
-
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Pending:
-        """Start broadcasting `tensor` from `src`; the caller may pack or load other data meanwhile."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
+__all__ = ["GlooGroup", "IpcGroup", "NcclGroup", "Pending", "SyncGroup", "alone_bytes", "free_port", "open_group"]
 
 
 class GlooGroup(SyncGroup):
@@ -60,32 +45,62 @@ class GlooGroup(SyncGroup):
 
 
 class NcclGroup(SyncGroup):
-    """GPU: vLLM's PyNcclCommunicator over a StatelessProcessGroup (the TCPStore carries the NCCL id)."""
+    """GPU: vLLM's PyNcclCommunicator over a StatelessProcessGroup (the TCPStore carries the NCCL id).
+
+    PyNccl calls only enqueue: a broadcast returns before a byte has moved, and one whose peer is dead
+    spins on the GPU forever. So every broadcast is followed by an event the host polls (EventPending)
+    with the group's timeout; on timeout the communicator is aborted (ncclCommAbort, which releases the
+    stuck kernel) and the group is unusable: the service reconnects, building a new one. close()
+    destroys the communicator too, so a reconnect does not leak one per generator restart."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float):
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
 
-        self.rank, self.world_size = rank, world_size
-        self.device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", torch.cuda.current_device())
         pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
                                           store_timeout=int(timeout_s))
-        self._comm = PyNcclCommunicator(pg, device=self.device)
-        self._stream = torch.cuda.Stream(device=self.device)
-        # PyNccl calls have no timeout of their own; the driver's deadline on every sync RPC bounds them.
+        comm = PyNcclCommunicator(pg, device=device)
+        if comm.disabled:  # no NCCL library, or VLLM_DISABLE_PYNCCL: broadcasts would silently do nothing
+            raise RuntimeError("weight sync (nccl): vLLM's PyNccl is disabled in this process (no NCCL library "
+                               "found, or VLLM_DISABLE_PYNCCL=1)")
+        self._attach(comm, device, rank, world_size, timeout_s)
+        self._pg = pg  # its TCPStore lives as long as the group
+        self._stream = torch.cuda.Stream(device=device)
+
+    def _attach(self, comm, device: torch.device, rank: int, world_size: int, timeout_s: float) -> None:
+        self._comm, self.device, self.rank, self.world_size, self.timeout_s = comm, device, rank, world_size, timeout_s
+        self._seq = 0
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Pending:
-        # Queued on a side stream, so packing the next bucket on the current stream overlaps with it.
+        if self._comm is None:
+            raise RuntimeError("weight sync (nccl): the group is closed (or was aborted after a timeout); "
+                               "a new one must be connected")
+        self._seq += 1
+        event = self._enqueue(tensor, src)
+        what = (f"NCCL broadcast {self._seq} ({tensor.numel() * tensor.element_size()} bytes) at rank {self.rank} "
+                f"of {self.world_size}")
+        return EventPending(event, self.timeout_s, what, self._abort)
+
+    def _enqueue(self, tensor: torch.Tensor, src: int):
+        """Queue the broadcast on a side stream (packing the next bucket on the current stream overlaps
+        with it); returns an event recorded after it."""
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
         self._comm.broadcast(tensor, src=src, stream=stream)
         tensor.record_stream(stream)
         event = torch.cuda.Event()
         event.record(stream)
-        return _CudaPending(event)
+        return event
+
+    def _abort(self) -> None:
+        comm, self._comm = self._comm, None
+        if comm is not None:
+            comm.destroy()  # vLLM's destroy is ncclCommAbort (on a thread, joined for up to 5 s)
 
     def close(self) -> None:
-        self._comm = None
+        self._abort()
+        self._pg = None
 
 
 class _GlooPending(Pending):
@@ -96,22 +111,12 @@ class _GlooPending(Pending):
         self._work.wait(self._timeout)
 
 
-class _CudaPending(Pending):
-    def __init__(self, event):
-        self._event = event
-
-    def wait(self) -> None:
-        torch.cuda.current_stream().wait_event(self._event)
-
-
 def group_class(backend: str) -> type[SyncGroup]:
     if backend == "gloo":
         return GlooGroup
     if backend == "nccl":
         return NcclGroup
     if backend == "ipc":
-        from weight_sync.ipc import IpcGroup
-
         return IpcGroup
     raise ValueError(f"unknown weight-sync backend {backend!r}; choose gloo, nccl or ipc")
 

@@ -6,11 +6,15 @@ shared by handle, each receiver maps it and copies it out.
     CPU:  a POSIX shared-memory segment (torch's "file_system" sharing strategy): trainer and
           generator on one machine.
 
-It implements `SyncGroup` (weight_sync/group.py), so the sender and the receivers are the same code
-as for gloo and NCCL. The rendezvous is a TCPStore: the sender publishes the handle of broadcast k
-under a key, every receiver maps it, copies into its own tensor and adds 1 to a counter, and the
-sender's `wait()` returns when all have (so the buffer may be reused). Every store wait is bounded
-by the group's timeout.
+It implements `SyncGroup` (weight_sync/base.py), so the sender and the receivers are the same code
+as for gloo and NCCL. The rendezvous is a TCPStore: the sender publishes under the key of broadcast k
+where the bucket lies (which shared buffer, at what byte offset, how many bytes), every receiver
+copies it into its own tensor and adds 1 to a counter, and the sender's `wait()` returns when all
+have (so the buffer may be reused). Every store wait is bounded by the group's timeout.
+
+Each buffer is shared once and mapped once per receiver, for the group's lifetime: the sender
+alternates between two buffers, and torch keeps a record (a CUDA IPC reference count, an event) per
+share and per mapping, so sharing every bucket anew would grow those with every push.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from multiprocessing.reduction import ForkingPickler
 
 import torch
 
-from weight_sync.group import Pending, SyncGroup
+from weight_sync.base import Pending, SyncGroup
 
 
 class IpcGroup(SyncGroup):
@@ -37,19 +41,42 @@ class IpcGroup(SyncGroup):
         self._store = torch.distributed.TCPStore(host, port, world_size, is_master=rank == 0,
                                                  timeout=datetime.timedelta(seconds=timeout_s))
         self._seq = 0
+        # sender: storage -> (buffer id, pickled handle, the whole buffer, kept alive while shared)
+        self._shared: dict[int, tuple[int, bytes, torch.Tensor]] = {}
+        self._mapped: dict[int, torch.Tensor] = {}  # receiver: buffer id -> the sender's buffer, mapped
         self._store.add("ipc/joined", 1)
         self._wait_for("ipc/joined", world_size, "every member to join")
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Pending:
         if src != 0:
-            raise ValueError("the IPC group only sends from rank 0 (the trainer)")
+            raise ValueError("the IPC group only sends from its rank 0 (the trainer rank on this device)")
+        if self._store is None:
+            raise RuntimeError("weight sync (ipc): the group is closed")
         key, self._seq = f"ipc/{self._seq}", self._seq + 1
         if self.rank == 0:
             if self.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()  # the bucket is packed before anyone maps it
-            self._store.set(key, bytes(ForkingPickler.dumps(share(tensor))))  # storages by shared handle
+            self._store.set(key, pickle.dumps(self._locate(tensor)))
             return _SenderPending(self, key, tensor)
         return _ReceiverPending(self, key, tensor)
+
+    def _locate(self, tensor: torch.Tensor) -> dict:
+        """Where `tensor` lies: its buffer (shared on first use) and its byte range in it."""
+        storage = tensor.untyped_storage()
+        if storage._cdata not in self._shared:
+            whole = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+            handle = bytes(ForkingPickler.dumps(share(whole)))  # on CPU this moves it into shared memory once
+            self._shared[tensor.untyped_storage()._cdata] = (len(self._shared), handle, whole)
+        buffer, handle, _ = self._shared[tensor.untyped_storage()._cdata]
+        size = tensor.element_size()
+        return {"buffer": buffer, "handle": handle, "offset": tensor.storage_offset() * size,
+                "nbytes": tensor.numel() * size}
+
+    def _open(self, where: dict) -> torch.Tensor:
+        """The bytes of a located tensor, in this process (the buffer mapped on first use)."""
+        if where["buffer"] not in self._mapped:
+            self._mapped[where["buffer"]] = open_shared(pickle.loads(where["handle"]), self.device)
+        return self._mapped[where["buffer"]][where["offset"]: where["offset"] + where["nbytes"]]
 
     def _wait_for(self, counter: str, value: int, what: str) -> None:
         deadline = time.monotonic() + self.timeout_s
@@ -59,6 +86,8 @@ class IpcGroup(SyncGroup):
             time.sleep(0.0005)
 
     def close(self) -> None:
+        self._mapped.clear()
+        self._shared.clear()
         self._store = None
 
 
@@ -76,12 +105,11 @@ class _ReceiverPending(Pending):
         self.group, self.key, self.tensor = group, key, tensor
 
     def wait(self) -> None:
-        handle = pickle.loads(self.group._store.get(self.key))  # blocks up to the store's timeout
-        shared = open_shared(handle, self.tensor.device)
-        self.tensor.copy_(shared.view(self.tensor.dtype).view(-1)[: self.tensor.numel()].view_as(self.tensor))
+        where = pickle.loads(self.group._store.get(self.key))  # blocks up to the store's timeout
+        source = self.group._open(where)
+        self.tensor.copy_(source.view(self.tensor.dtype).view(-1)[: self.tensor.numel()].view_as(self.tensor))
         if self.tensor.is_cuda:
             torch.cuda.current_stream().synchronize()  # copied before the sender may reuse its buffer
-        del shared
         self.group._store.add(f"{self.key}/done", 1)
 
 

@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from weight_sync.base import Pending, SyncGroup
 from weight_sync.buckets import Bucket, tensor_checksums, torch_dtype, unpack
-from weight_sync.group import Pending, SyncGroup
 
 
 def receive_buckets(group: SyncGroup, buckets: list[Bucket], sums: list[int] | None = None,

@@ -1,6 +1,6 @@
-"""The trainer side of weight sync. Every trainer rank holds a WeightSender; rank 0 also holds the
-group and does the sending. Under ZeRO-3 all ranks gather each bucket's parameters together, so the
-whole model is never gathered at once."""
+"""The trainer side of weight sync. Every trainer rank holds a WeightSender; the sending ranks (rank 0,
+or over ipc each rank that shares a device with a generator) also hold a group and send. Under ZeRO-3
+all ranks gather each bucket's parameters together, so the whole model is never gathered at once."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from weight_sync.base import Pending, SyncGroup
 from weight_sync.buckets import ParamMeta, pack, plan_buckets, tensor_checksums, torch_dtype
-from weight_sync.group import Pending, SyncGroup, alone_bytes, open_group
+from weight_sync.group import alone_bytes, open_group
 
 
 class WeightSender:
@@ -35,9 +36,11 @@ class WeightSender:
         # ZeRO-3 partitions parameters in place; ds_shape is the full shape.
         return [(n, self.send_dtype, list(getattr(p, "ds_shape", p.shape))) for n, p in self.params.items()]
 
-    def connect(self, backend: str, host: str, port: int, world_size: int, timeout_s: float,
+    def connect(self, backend: str, endpoint: tuple[str, int] | None, world_size: int, timeout_s: float,
                 bucket_bytes: int) -> None:
-        group = open_group(backend, host, port, 0, world_size, timeout_s) if self.rank == 0 else None
+        """Join the sync group at `endpoint` as its sender (rank 0), or with None send nothing (but still
+        gather the same buckets in the same order: ZeRO-3's gathers are collective over the trainer ranks)."""
+        group = open_group(backend, *endpoint, 0, world_size, timeout_s) if endpoint is not None else None
         self.attach(group, bucket_bytes, alone_bytes(backend, bucket_bytes))
 
     def attach(self, group: SyncGroup | None, bucket_bytes: int, alone: int | None) -> None:
@@ -53,7 +56,7 @@ class WeightSender:
 
     def send(self, verify: bool) -> tuple[int, list[int] | None]:
         """Broadcast every bucket; returns the bytes sent and, if `verify`, a checksum per tensor
-        (both only on rank 0). Bucket k+1 is gathered and packed while bucket k is on the wire."""
+        (both only on a sending rank). Bucket k+1 is gathered and packed while bucket k is on the wire."""
         sent, sums = 0, [] if verify else None
         in_flight: Pending | None = None
         current = self.params  # computed once per send when it is a function

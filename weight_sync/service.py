@@ -25,16 +25,43 @@ class GeneratorLost(WeightSyncError):
 
 @dataclass(frozen=True)
 class SyncEndpoint:
-    host: str  # where trainer rank 0 hosts the group's TCPStore
+    host: str  # where the link's sending trainer rank hosts the group's TCPStore
     port: int
-    backend: str  # "gloo" or "nccl"
+    backend: str  # "gloo", "nccl" or "ipc"
+
+
+@dataclass(frozen=True)
+class SyncLink:
+    """One sync group: a sending trainer rank (the group's rank 0) and the generators whose workers
+    are its ranks 1.. (generator k's workers from offsets[k] on)."""
+
+    sender: int  # trainer rank
+    generators: tuple[int, ...]
+    offsets: tuple[int, ...]
+    world_size: int
+
+
+def sync_links(backend: str, trainer_ranks: int, workers: list[int]) -> list[SyncLink]:
+    """Who sends to whom. Over a network (gloo, NCCL) trainer rank 0 sends to every worker of every
+    generator in one group. Over ipc a receiver can only map memory on its own device, and generator i
+    shares trainer rank i's device (resources.colocate), so each generator gets a group of its own with
+    trainer rank i as the sender (ZeRO 0-2 keep the full weights on every rank; ZeRO-3 ranks gather them
+    together in every push). Every sender packs the same buckets, so each checksum list is comparable."""
+    if backend != "ipc":
+        offsets = tuple(1 + sum(workers[:i]) for i in range(len(workers)))
+        return [SyncLink(0, tuple(range(len(workers))), offsets, 1 + sum(workers))]
+    if len(workers) > trainer_ranks:
+        raise WeightSyncError(f"ipc weight sync: {len(workers)} generators but {trainer_ranks} trainer ranks; "
+                              f"generator i must share trainer rank i's device (resources.colocate)")
+    return [SyncLink(i, (i,), (1,), 1 + n) for i, n in enumerate(workers)]
 
 
 class WeightSyncService:
-    """Trainer rank 0 sends; every vLLM worker of every generator receives.
+    """Trainer rank 0 sends (over ipc, the rank on each generator's device: sync_links); every vLLM
+    worker of every generator receives.
 
-    All trainer ranks take part in a push (ZeRO-3 gathers parameters collectively); only rank 0
-    is in the sync group. Every wait is bounded by `timeout_s`: a generator that died or hangs
+    All trainer ranks take part in a push (ZeRO-3 gathers parameters collectively); only the
+    senders are in a sync group. Every wait is bounded by `timeout_s`: a generator that died or hangs
     fails the push with its name, never a hang. With `verify`, each receiver's per-tensor
     checksums are compared with the sender's and a mismatch names the tensors.
     """
@@ -46,23 +73,28 @@ class WeightSyncService:
         self.backend = backend
         self.version = 0
         self.names: list[str] = []  # tensor names in the order they are sent
+        self.links: list[SyncLink] = []  # who sends to whom (sync_links)
 
     def connect(self) -> None:
         bucket_bytes = int(self.cfg.bucket_mb * 2**20)
-        rank0 = {self.trainer_ranks[0].sync_endpoint.remote(): "trainer-rank-0"}
-        host, port = self._wait(rank0, "connect")["trainer-rank-0"]
-        endpoint = SyncEndpoint(host, port, self.backend)
         params = self._wait({self.trainer_ranks[0].weight_meta.remote(): "trainer-rank-0"}, "connect")["trainer-rank-0"]
         self.names = [name for name, _, _ in params]
         workers = self._wait({g.num_workers.remote(): f"generator-{i}" for i, g in enumerate(self.generators)},
                              "connect")
-        sizes = [workers[f"generator-{i}"] for i in range(len(self.generators))]
-        world = 1 + sum(sizes)
-        offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
-        refs = {r.init_weight_sync.remote(endpoint, world, bucket_bytes): f"trainer-rank-{i}"
-                for i, r in enumerate(self.trainer_ranks)}
-        refs.update({g.init_weight_sync.remote(endpoint, world, off, params, bucket_bytes): f"generator-{i}"
-                     for i, (g, off) in enumerate(zip(self.generators, offsets))})
+        self.links = sync_links(self.backend, len(self.trainer_ranks),
+                                [workers[f"generator-{i}"] for i in range(len(self.generators))])
+        found = self._wait({self.trainer_ranks[link.sender].sync_endpoint.remote(): f"trainer-rank-{link.sender}"
+                            for link in self.links}, "connect")
+        endpoints = {link.sender: SyncEndpoint(*found[f"trainer-rank-{link.sender}"], self.backend)
+                     for link in self.links}
+        refs = {}
+        for i, r in enumerate(self.trainer_ranks):  # a rank that sends to no one still gathers under ZeRO-3
+            world = next((link.world_size for link in self.links if link.sender == i), 0)
+            refs[r.init_weight_sync.remote(self.backend, endpoints.get(i), world, bucket_bytes)] = f"trainer-rank-{i}"
+        for link in self.links:
+            for g, off in zip(link.generators, link.offsets):
+                refs[self.generators[g].init_weight_sync.remote(endpoints[link.sender], link.world_size, off, params,
+                                                                bucket_bytes)] = f"generator-{g}"
         self._wait(refs, "connect")
 
     def push(self, version: int) -> dict[str, float]:
@@ -73,14 +105,18 @@ class WeightSyncService:
         refs.update({r.send_weights.remote(version, verify): f"trainer-rank-{i}"
                      for i, r in enumerate(self.trainer_ranks)})
         results = self._wait(refs, f"push of version {version}")
-        sent_bytes, sent_sums = results["trainer-rank-0"]
-        for i in range(len(self.generators)):
-            for worker, (served, sums) in enumerate(results[f"generator-{i}"]):
-                if served != version:
-                    raise WeightSyncError(f"generator-{i} worker {worker} serves version {served} "
-                                          f"after a push of version {version}")
-                if verify:
-                    self._compare(sent_sums, sums, f"generator-{i} worker {worker}", version)
+        sent_bytes = 0
+        for link in self.links:
+            sent, sent_sums = results[f"trainer-rank-{link.sender}"]
+            sent_bytes += sent
+            for i in link.generators:
+                for worker, (served, sums) in enumerate(results[f"generator-{i}"]):
+                    if served != version:
+                        raise WeightSyncError(f"generator-{i} worker {worker} serves version {served} "
+                                              f"after a push of version {version}")
+                    if verify:
+                        self._compare(sent_sums, sums, f"generator-{i} worker {worker}", version,
+                                      f"trainer-rank-{link.sender}")
         self.version = version
         seconds = time.perf_counter() - t0
         return {"sync/seconds": seconds, "sync/gb": sent_bytes / 1e9, "sync/gb_per_s": sent_bytes / 1e9 / seconds}
@@ -100,12 +136,12 @@ class WeightSyncService:
         refs.update({r.close_weight_sync.remote(): f"trainer-rank-{i}" for i, r in enumerate(self.trainer_ranks)})
         return refs
 
-    def _compare(self, sent: list[int], received: list[int], who: str, version: int) -> None:
+    def _compare(self, sent: list[int], received: list[int], who: str, version: int, sender: str) -> None:
         bad = [name for name, a, b in zip(self.names, sent, received) if a != b]
         if bad or len(sent) != len(received):
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise WeightSyncError(f"push of version {version}: {who} received tensors that differ from what "
-                                  f"trainer-rank-0 sent (checksum mismatch): {shown or 'tensor count differs'}")
+                                  f"{sender} sent (checksum mismatch): {shown or 'tensor count differs'}")
 
     def _dead_generator(self) -> int | None:
         from ray._private.state import actors  # the GCS's actor table; needs no dashboard

@@ -73,7 +73,7 @@ def check_shared_kernels(model: torch.nn.Module) -> None:
     for group in shared_weight_groups(model):
         for name, module in group:
             weight = module.weight
-            probe = torch.randn(4, weight.shape[1], generator=generator).to(weight.dtype)
+            probe = torch.randn(4, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
             want = torch.nn.functional.linear(probe, weight).float()
             got = module.quant_method.apply(module, probe).float()
             error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
@@ -126,18 +126,16 @@ class WeightSyncWorker:
                 yield name_tensor
 
         tensors = stream()
-        from vllm.platforms import current_platform
-
         runner = self.model_runner  # type: ignore[attr-defined]
-        if current_platform.is_cpu():
-            # vLLM's CPU backend repacks Linear weights for its kernels and empties the originals, so
-            # in-place load_weights cannot work; reload_weights re-runs the repacking on the new tensors.
-            runner.reload_weights(weights_iterator=tensors)
-            repack_shared_weights(runner.model)
-            if verify:
-                check_shared_kernels(runner.model)
-        else:
-            runner.model.load_weights(tensors)  # the in-place fast path
+        # One path on every device: vLLM's layerwise reload (vllm.model_executor.model_loader.reload) loads
+        # each layer through its checkpoint loaders and re-runs the layer's process_weights_after_loading, then
+        # copies the result into the kernel tensors the engine holds. That is what quantized and fp8 layers
+        # need (their kernels hold transformed weights), and what vLLM's CPU kernels need (they repack Linear
+        # weights and empty the originals, so a plain load_weights fails there).
+        self.reload_weights(weights_iterator=tensors)  # type: ignore[attr-defined]  (vLLM's Worker, CPUWorker too)
+        repack_shared_weights(runner.model)  # a no-op off CPU, where unquantized kernels use the weight itself
+        if verify:
+            check_shared_kernels(runner.model)
         consumed = loaded
         for _ in tensors:  # receive what the loader left, or the sender would wait forever
             pass
