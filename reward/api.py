@@ -72,20 +72,7 @@ class RewardError(RuntimeError):
 
 def load_reward_fn(spec: str) -> Callable[..., Any]:
     """`pkg.module:name` or `path/to/file.py:name` -> the callable (a class is instantiated once)."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise RewardError(f"reward function {spec!r} must look like 'pkg.module:fn' or 'path/to/file.py:fn'")
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        module = _import_file(Path(target), spec)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise RewardError(f"reward function {spec!r}: cannot import module {target!r}: {e}") from e
-    if not hasattr(module, name):
-        defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise RewardError(f"reward function {spec!r}: {target} has no {name!r} (it defines {defined})")
-    fn = getattr(module, name)
+    fn = load_object(spec, "reward function", RewardError)
     if inspect.isclass(fn):
         fn = fn()  # a reward with state (a loaded verifier, a compiled regex table) is set up once
     if not callable(fn):
@@ -93,12 +80,36 @@ def load_reward_fn(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def _import_file(path: Path, spec: str) -> Any:
+def load_object(spec: str, what: str, error: type[Exception], placeholder: str = "fn") -> Any:
+    """`pkg.module:name` or `path/to/file.py:name` -> that attribute as it is (a class stays a class).
+
+    The one loader of user code named in a config (reward functions, environments, tools). `what`
+    names the thing in errors ("reward function", "environment"), which are raised as `error`.
+    A file is imported once per process under a name derived from its path, so two files named
+    reward.py do not collide and a file that holds both a reward and an environment is one module.
+    """
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise error(f"{what} {spec!r} must look like 'pkg.module:{placeholder}' or "
+                    f"'path/to/file.py:{placeholder}'")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        module = _import_file(Path(target), spec, what, error)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise error(f"{what} {spec!r}: cannot import module {target!r}: {e}") from e
+    if not hasattr(module, name):
+        defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise error(f"{what} {spec!r}: {target} has no {name!r} (it defines {defined})")
+    return getattr(module, name)
+
+
+def _import_file(path: Path, spec: str, what: str, error: type[Exception]) -> Any:
     path = path.expanduser().resolve()
     if not path.is_file():
-        raise RewardError(f"reward function {spec!r}: file {path} does not exist")
-    # A stable, unique module name per file, so two files named reward.py do not collide.
-    mod_name = "rlhf_user_reward_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        raise error(f"{what} {spec!r}: file {path} does not exist")
+    mod_name = "rlhf_user_module_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
     if mod_name in sys.modules:
         return sys.modules[mod_name]
     loader_spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -109,7 +120,7 @@ def _import_file(path: Path, spec: str) -> Any:
         loader_spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[mod_name]
-        raise RewardError(f"reward function {spec!r}: importing {path} failed: {e!r}") from e
+        raise error(f"{what} {spec!r}: importing {path} failed: {e!r}") from e
     return module
 
 
