@@ -234,13 +234,15 @@ class RewardScorer:
     The total is sum_k weight_k * r_k over the functions that returned a value for the sample; a
     sample that no function applies to is an error (it would otherwise train on a made-up 0). Under
     on_error="penalize" a failed value is replaced by `penalty` (so weight_k * penalty enters the
-    total). The module docstring describes the failure kinds, the timeout and the concurrency.
+    total). A multi-turn sample's environment reward (`Sample.env_reward`, with `environment`) is
+    added to its total with weight 1. The module docstring describes the failure kinds, the timeout
+    and the concurrency.
     """
 
     def __init__(self, rewards: list[WeightedReward], on_error: Literal["raise", "penalize"] = "raise",
-                 penalty: float = 0.0, timeout_s: float = 60.0, workers: int = 4):
-        if not rewards:
-            raise RewardError("no reward functions configured")
+                 penalty: float = 0.0, timeout_s: float = 60.0, workers: int = 4, environment: bool = False):
+        if not rewards and not environment:
+            raise RewardError("no reward functions configured (and no environment rewards the samples)")
         if on_error not in ("raise", "penalize"):
             raise RewardError(f"on_error must be 'raise' or 'penalize', not {on_error!r}")
         if not math.isfinite(penalty):
@@ -285,6 +287,13 @@ class RewardScorer:
                                 n_failed, self.penalty, r.name, failures[0].message)
         if self.on_error == "penalize":  # zeros too, so a dashboard shows a flat line, not a gap
             metrics.update({f"reward/failures/{kind}": float(n) for kind, n in failed_by_kind.items()})
+        env = [i for i, s in enumerate(samples) if s.env_reward is not None]  # multi-turn: the environment's own
+        for i in env:
+            totals[i] += samples[i].env_reward
+            applied[i] = True
+            samples[i].reward_components["env"] = samples[i].env_reward
+        if env:
+            metrics["reward/env/mean"] = sum(samples[i].env_reward for i in env) / len(env)
         for i, s in enumerate(samples):
             if not applied[i]:
                 raise RewardError(f"no reward function returned a value for sample {i} "

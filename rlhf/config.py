@@ -157,6 +157,32 @@ class AlgorithmConfig:
 
 
 @dataclass(frozen=True)
+class EnvConfig:
+    """Multi-turn rollouts (rollout/agent.py): an environment the model talks to over several turns,
+    tools it may call, or both. Off unless `cls` or `tools` is set. Needs data.apply_chat_template
+    (replies are rendered by the chat template); rollout.max_new_tokens is then per turn."""
+
+    cls: str = ""  # the environment class, "pkg.mod:Class" or "path/file.py:Class"; one instance per trajectory
+    kwargs: dict[str, Any] = field(default_factory=dict)  # its constructor's arguments (plus the row's columns)
+    max_turns: int = 4  # model turns per trajectory; a trajectory that reaches it unfinished is truncated
+    max_total_tokens: int = 0  # prompt + turns + replies; 0 = rollout.max_model_len
+    timeout_s: float = 30.0  # per environment call (init, step, close)
+    on_error: Literal["raise", "penalize"] = "raise"  # a failed call: stop the run, or end the trajectory
+    penalty: float = 0.0  # under penalize: the failed step's reward
+    reward: Literal["sum", "last"] = "sum"  # the trajectory's environment reward from its steps' rewards
+    # Tools: "pkg.mod:fn" / "file.py:fn" (a function with type hints and an Args: docstring), or
+    # "python", the sandboxed code tool (rollout/sandbox.py). Their schemas go to the chat template.
+    tools: tuple[str, ...] = ()
+    tool_parser: str = "hermes"  # name in rollout.tools' parser registry: <tool_call>{json}</tool_call>
+    tool_timeout_s: float = 15.0  # per call (the python tool's own wall-clock limit is 10 s)
+    tool_max_chars: int = 4000  # a longer result is cut, and says so
+
+    @property
+    def active(self) -> bool:
+        return bool(self.cls or self.tools)
+
+
+@dataclass(frozen=True)
 class CriticConfig:
     """The value model, created when the advantage estimator needs one (gae). It uses train.* for
     ranks, ZeRO stage and batch sizes."""
@@ -306,6 +332,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
 
     @property
     def gap_alarm(self) -> float:
@@ -371,8 +398,10 @@ class RunConfig:
 
         need(bool(self.model.path), "model.path", "is required")
         need(bool(self.data.path), "data.path", "is required")
-        need(len(self.reward.functions) + len(self.reward.remote) > 0 or bool(self.reward.model.path),
-             "reward", "needs at least one of reward.functions, reward.remote or reward.model.path")
+        need(len(self.reward.functions) + len(self.reward.remote) > 0 or bool(self.reward.model.path)
+             or bool(self.env.cls), "reward", "needs at least one of reward.functions, reward.remote, "
+             "reward.model.path or an environment (env.cls)")
+        self._validate_env(need)
         for i, r in enumerate(self.reward.remote):
             need(r.url.startswith(("http://", "https://")), f"reward.remote.{i}.url",
                  f"{r.url!r} is not an http(s) URL")
@@ -472,6 +501,33 @@ class RunConfig:
             value, default = getattr(getattr(self, section), key), getattr(type(getattr(self, section))(), key)
             need(active or value == default, f"{section}.{key}", f"is set to {value!r}, but is read only with {when}")
         return self
+
+    def _validate_env(self, need) -> None:
+        e = self.env
+        need(not e.cls or ":" in e.cls, "env.cls", f"{e.cls!r} must look like 'pkg.mod:Class' or 'file.py:Class'")
+        for i, t in enumerate(e.tools):
+            need(t == "python" or ":" in t, f"env.tools.{i}", f"{t!r} must be 'python' or look like 'pkg.mod:fn'")
+        if not e.active:
+            defaults = EnvConfig()
+            for f in dataclasses.fields(EnvConfig):
+                need(getattr(e, f.name) == getattr(defaults, f.name), f"env.{f.name}",
+                     "is read only with an environment or tools (env.cls, env.tools)")
+            return
+        need(self.data.apply_chat_template, "data.apply_chat_template", "must be true with env.cls or env.tools: "
+             "the replies of the environment and the tools are rendered by the chat template")
+        need(e.max_turns > 0, "env.max_turns", "must be > 0")
+        need(e.timeout_s > 0 and e.tool_timeout_s > 0, "env.timeout_s/tool_timeout_s", "must be > 0")
+        need(e.tool_max_chars > 0, "env.tool_max_chars", "must be > 0")
+        need(abs(e.penalty) < float("inf"), "env.penalty", "must be a finite number")
+        need(0 <= e.max_total_tokens <= self.rollout.max_model_len, "env.max_total_tokens",
+             f"must be in [0, rollout.max_model_len={self.rollout.max_model_len}] (0: max_model_len)")
+        need(self.rollout.max_new_tokens < self.max_total_tokens, "rollout.max_new_tokens",
+             f"(per turn) must be below the trajectory's budget {self.max_total_tokens} (env.max_total_tokens)")
+
+    @property
+    def max_total_tokens(self) -> int:
+        """A multi-turn trajectory's token budget: prompt, turns and replies."""
+        return self.env.max_total_tokens or self.rollout.max_model_len
 
     def _validate_objective(self, need) -> None:
         """Combinations of algorithm.* that would fail, or silently do nothing, are refused by name."""

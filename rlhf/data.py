@@ -104,8 +104,10 @@ class PromptLoader:
     def _prompt(self, index: int) -> Prompt | None:
         row = dict(self.dataset[index])
         text = row.pop(self.cfg.prompt_key)
+        messages = None
         if self.cfg.apply_chat_template:
-            text = render_chat(self.tokenizer, chat_messages(text, self.cfg.system_prompt, index))
+            messages = chat_messages(text, self.cfg.system_prompt, index)
+            text = render_chat(self.tokenizer, messages)
             # what apply_chat_template(tokenize=True) does: the rendered text holds its special tokens
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
@@ -115,7 +117,7 @@ class PromptLoader:
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if len(ids) > self.cfg.max_prompt_tokens:
             return None
-        return Prompt(index=index, text=text, ids=list(ids), row=row)
+        return Prompt(index=index, text=text, ids=list(ids), row=row, messages=messages)
 
 
 def chat_messages(prompt: Any, system_prompt: str, index: int) -> list[dict[str, Any]]:

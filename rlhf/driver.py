@@ -96,6 +96,7 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
         if topo.reward_model is not None:
             rewards.append(WeightedReward("reward_model", ModelReward(topo.reward_model), cfg.reward.model.weight))
         scorer = RewardScorer(rewards, on_error=cfg.reward.on_error, penalty=cfg.reward.penalty,
+                              environment=bool(cfg.env.cls),
                               timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers)
         stream = RolloutStream(topo, loader, scorer, cfg, first_step)
         eval_start = {}
@@ -246,6 +247,11 @@ def rollout_metrics(samples: list[Sample], generate_s: float) -> dict[str, float
         "rollout/tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
         "rollout/policy_version": float(min(s.policy_version for s in samples)),
     }
+    episodes = [s.episode for s in samples if s.episode is not None]
+    if episodes:  # multi-turn rollouts
+        from rollout.agent import episode_metrics
+
+        m.update(episode_metrics(episodes))
     return m  # the trainer-vs-generator gap and kl/ref come from the objective (rlhf/algorithms/objective.py)
 
 

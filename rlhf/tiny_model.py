@@ -21,6 +21,10 @@ SIZES = {  # Qwen2 shapes; "tiny" has ~3.7M parameters with a 1000-token vocabul
                   num_key_value_heads=4),
 }
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]
+# With --chat: a chat template on the tokenizer's own special tokens. <|eos|> ends every message, so it
+# is both the template's end of a turn and the model's stop token (as <|im_end|> is for Qwen and SmolLM2).
+CHAT_TEMPLATE = ("{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}")
 
 
 def corpus_texts(corpus: Path | None) -> list[str]:
@@ -35,7 +39,7 @@ def corpus_texts(corpus: Path | None) -> list[str]:
 
 
 def build(out: Path, corpus: Path | None = None, size: str = "tiny", vocab_size: int = 1000, seed: int = 1234,
-          max_position_embeddings: int = 1024, tie_word_embeddings: bool = False) -> dict:
+          max_position_embeddings: int = 1024, tie_word_embeddings: bool = False, chat: bool = False) -> dict:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -52,6 +56,8 @@ def build(out: Path, corpus: Path | None = None, size: str = "tiny", vocab_size:
     bpe.train_from_iterator(corpus_texts(corpus), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|pad|>", bos_token="<|bos|>",
                                         eos_token="<|eos|>", model_max_length=max_position_embeddings)
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
 
     torch.manual_seed(seed)
@@ -65,7 +71,7 @@ def build(out: Path, corpus: Path | None = None, size: str = "tiny", vocab_size:
                                                pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out, safe_serialization=True)
     info = {"path": str(out), "size": size, "parameters": sum(p.numel() for p in model.parameters()),
-            "vocab_size": len(tokenizer), "tie_word_embeddings": tie_word_embeddings}
+            "vocab_size": len(tokenizer), "tie_word_embeddings": tie_word_embeddings, "chat_template": chat}
     (out / "tiny_model.json").write_text(json.dumps(info, indent=1))
     return info
 
@@ -94,13 +100,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--tie", action="store_true", help="tie the output layer to the input embedding (as most "
                     "small instruct models do)")
+    ap.add_argument("--chat", action="store_true", help="give the tokenizer a chat template (multi-turn rollouts "
+                    "need one)")
     ap.add_argument("--reward-model", action="store_true", help="a sequence-classification reward model instead")
     args = ap.parse_args(argv)
     if args.reward_model:
         print(json.dumps(build_reward_model(args.out, args.corpus, args.seed)))
     else:
         print(json.dumps(build(args.out, args.corpus, args.size, args.vocab_size, args.seed,
-                                    tie_word_embeddings=args.tie)))
+                                    tie_word_embeddings=args.tie, chat=args.chat)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,22 @@ class Prompt:
     text: str  # the prompt as the reward functions see it
     ids: list[int]  # [P] token ids given to the generator
     row: dict[str, Any]  # the dataset row's other columns, passed to reward functions by name
+    messages: list[dict[str, Any]] | None = None  # the chat messages `ids` renders (data.apply_chat_template)
+
+
+@dataclass(frozen=True)
+class EpisodeStats:
+    """How one multi-turn trajectory went (rollout/agent.py)."""
+
+    turns: int  # model turns
+    turn_versions: list[int]  # [turns] the policy version that sampled each turn
+    tool_calls: int
+    tool_errors: dict[str, int]  # by kind (rollout.tools.TOOL_ERROR_KINDS), zeros too
+    env_failures: dict[str, int]  # by kind (rollout.env.ENV_FAILURE_KINDS), only those that happened
+    env_seconds: float  # wall time in the environment's calls
+    stop: str  # done | answered | env_error | max_turns | budget
+    cut_turns: int  # model turns cut by rollout.max_new_tokens (still passed on as the model's action)
+    truncated: bool  # stopped by a limit (max_turns, budget), or its last turn was cut
 
 
 @dataclass
@@ -31,6 +47,10 @@ class Sample:
     generator: int  # index of the generator that produced it
     reward: float = math.nan  # set by the reward stage
     reward_components: dict[str, float] = field(default_factory=dict)
+    # Multi-turn: the completion holds the model's turns and the environment's and tools' replies.
+    completion_mask: list[int] | None = None  # [L] 1 on the model's own tokens, 0 on replies; None = all model
+    env_reward: float | None = None  # the environment's reward for the trajectory; None = no environment
+    episode: EpisodeStats | None = None
 
 
 @dataclass
@@ -105,6 +125,8 @@ def collate(samples: list[Sample], pad_id: int) -> TrainBatch:
         p, n = len(s.prompt.ids), len(s.completion_ids)
         input_ids[i, : p + n] = torch.tensor(s.prompt.ids + s.completion_ids, dtype=torch.long)
         attention_mask[i, : p + n] = 1
-        loss_mask[i, p - 1 : p - 1 + n] = 1.0  # column p-1 scores the first completion token
+        # column p-1 scores the first completion token; multi-turn replies are not the model's, so not trained
+        loss_mask[i, p - 1 : p - 1 + n] = 1.0 if s.completion_mask is None else torch.tensor(
+            s.completion_mask, dtype=torch.float32)
         rollout_logprobs[i, p - 1 : p - 1 + n] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
     return TrainBatch(input_ids, attention_mask, loss_mask, rollout_logprobs, prompt_lengths=prompt_lengths)

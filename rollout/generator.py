@@ -122,8 +122,19 @@ class Generator:
             logprobs_mode="processed_logprobs",
             disable_log_stats=True,
             enable_sleep_mode=self._can_sleep,
+            # On CPU no prompt is prefilled in chunks: a chunked prefill discards the token it samples and
+            # rewinds the request's seeded generator (gpu_model_runner: gen.set_offset), which a CPU
+            # torch.Generator cannot do ("CPU Generator does not use offset"); every rollout request is
+            # seeded. Seen once a step's prompts exceed the batch's token budget (multi-turn trajectories).
+            enable_chunked_prefill=False if device == "cpu" else None,
+            max_num_batched_tokens=max(cfg.rollout.max_model_len, 2048) if device == "cpu" else None,
         )
         self.engine = EngineThread(lambda: LLMEngine.from_engine_args(args))
+        self.agent = None
+        if cfg.env.active:  # multi-turn rollouts: environment, tools (rollout/agent.py)
+            from rollout.agent import Agent
+
+            self.agent = Agent(cfg)
         self.version = 0
         self._open = asyncio.Event()  # cleared while a weight update runs
         self._open.set()
@@ -169,6 +180,8 @@ class Generator:
         seed + prompt.index so that the group does not depend on what else the engine is running."""
         import asyncio
 
+        if self.agent is not None:
+            return await self._multi_turn_group(prompt, seed, greedy)
         out, version = await self._complete(prompt.ids, self._params(prompt, seed, greedy))
         if self._delay_s:
             await asyncio.sleep(self._delay_s)
@@ -181,6 +194,37 @@ class Generator:
                                   truncated=c.finish_reason == "length", policy_version=version,
                                   generator=self.index))
         return SampleGroup(prompt=prompt, samples=samples)
+
+    async def _multi_turn_group(self, prompt: Prompt, seed: int, greedy: bool) -> SampleGroup:
+        """The group as samples_per_prompt trajectories run side by side (rollout/agent.py), each with its
+        own environment; their turns share the engine's batches with every other request in flight."""
+        import asyncio
+
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        from rollout.agent import TurnOutput, run_episode
+
+        r, agent = self.cfg.rollout, self.agent
+
+        async def complete(ids: list[int], max_tokens: int, turn_seed: int) -> TurnOutput:
+            params = SamplingParams(n=1, temperature=0.0 if greedy else r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                    max_tokens=max_tokens, logprobs=0, seed=None if greedy else turn_seed,
+                                    output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)
+            out, version = await self._complete(ids, params)
+            c = out.outputs[0]
+            tokens = list(c.token_ids)
+            return TurnOutput(tokens, [step[t].logprob for t, step in zip(tokens, c.logprobs, strict=True)],
+                              cut=c.finish_reason == "length", version=version)
+
+        prompt_ids = agent.prompt_ids(prompt)
+        base = (seed + prompt.index) * 64  # each trajectory's seed depends only on its prompt and place in the group
+        episodes = await asyncio.gather(*(
+            run_episode(complete, agent.decode, agent.renderer, prompt_ids, prompt.messages, agent.settings,
+                        base + k, runner=agent.runner(prompt.row), toolbox=agent.toolbox)
+            for k in range(1 if greedy else r.samples_per_prompt)))
+        return SampleGroup(prompt=prompt, samples=[agent.sample(prompt, e, self.index, self.version)
+                                                   for e in episodes])
 
     async def generate(self, prompts: list[Prompt], seed: int, greedy: bool = False) -> list[SampleGroup]:
         """generate_group for every prompt, run together; groups in prompt order."""

@@ -121,6 +121,10 @@ class ReplyRenderer:
             closing = closing[1:]
         return list(closing) + full[len(self._base):]
 
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The ids of a conversation with the next assistant turn opened (and the tools' schemas, if any)."""
+        return self._render(messages, True)
+
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         out = self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=True, return_dict=False,
                                                  add_generation_prompt=add_generation_prompt)

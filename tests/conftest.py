@@ -60,6 +60,16 @@ def tiny_overrides(model: Path, tmp: Path, **extra) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """The tiny model with a chat template (rlhf.tiny_model.CHAT_TEMPLATE), for multi-turn rollouts."""
+    from rlhf.tiny_model import build
+
+    out = tmp_path_factory.mktemp("tiny-chat-model")
+    build(out, corpus=REPO / "examples" / "multiturn" / "prompts.jsonl", chat=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_tied_model(tmp_path_factory) -> Path:
     """The tiny model with its output layer tied to the input embedding, as SmolLM2, Qwen2.5-0.5B and Llama-3.2 do."""
     from rlhf.tiny_model import build

@@ -294,3 +294,16 @@ def test_groups_with_signal():
     assert groups_with_signal(rewards, 3, eps=0.5).tolist() == [False, True, False, False]
     with pytest.raises(ValueError, match="not a whole number of groups"):
         groups_with_signal(rewards[:5], 3)
+
+
+def test_gae_over_a_multi_turn_mask_with_holes():
+    # model tokens at columns 0, 1 and 4; columns 2, 3 are the environment's reply (mask 0, values ignored)
+    # gamma .5, lam 1, reward 1 on the last model token; V_next skips the hole:
+    # delta_0 = .5 * .4 - .5 = -.3, delta_1 = .5 * V_4 - .4 = .5 * .2 - .4 = -.3, delta_4 = 1 - .2 = .8
+    # A_4 = .8, A_1 = -.3 + .5 * .8 = .1, A_0 = -.3 + .5 * .1 = -.25
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.4, 9.0, 9.0, 0.2]])
+    x = EstimatorInputs(torch.tensor([1.0]), mask, group_size=1, values=values, gamma=0.5, lam=1.0)
+    adv = ADVANTAGE_ESTIMATORS["gae"](x)
+    torch.testing.assert_close(adv, torch.tensor([[-0.25, 0.1, 0.0, 0.0, 0.8]]))
+    torch.testing.assert_close(gae_returns(adv, values, mask), torch.tensor([[0.25, 0.5, 0.0, 0.0, 1.0]]))

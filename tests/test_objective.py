@@ -236,3 +236,16 @@ def test_every_estimator_loss_and_correction_declares_its_traits():
     for name in CORRECTIONS:
         assert CORRECTIONS.trait(name, "level") in ("token", "sequence")
     assert [n for n in ADVANTAGE_ESTIMATORS if "values" in ADVANTAGE_ESTIMATORS.trait(n, "reads")] == ["gae"]
+
+
+def test_the_gap_and_the_mismatch_skip_the_environments_tokens():
+    # a multi-turn row: model tokens at columns 0 and 3; columns 1, 2 are an environment reply, where the
+    # generator stored no log-prob (0) and the trainer's is whatever the model gives them (-5)
+    old = torch.tensor([[-1.0, -5.0, -5.0, -2.0]])
+    rollout = torch.tensor([[-1.1, 0.0, 0.0, -2.0]])
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    x = ObjectiveInputs(logp=old, old_logp=old, rollout_logp=rollout, advantages=torch.ones(1, 4), mask=mask,
+                        denominator=2.0)
+    s = policy_objective(x, ObjectiveSettings()).stats
+    assert s.gap == pytest.approx(0.1) and s.gap_tokens == 2 and s.tokens == 2
+    assert s.mismatch_ratio_max == pytest.approx(math.exp(0.1))  # not exp(5) from the reply

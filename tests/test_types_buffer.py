@@ -114,3 +114,15 @@ def test_minibatch_shards_cover_every_sample_once_per_epoch_with_global_denomina
             assert a.loss_denominator == a.loss_mask.sum().item() + b.loss_mask.sum().item()  # whole mini-batch
             seen += [row for shard in (a, b) for row in shard.loss_mask.sum(1).tolist()]
         assert sorted(seen) == sorted(batch.loss_mask.sum(1).tolist())  # every sample once per epoch
+
+
+def test_collate_trains_only_the_model_tokens_of_a_multi_turn_sample():
+    from rlhf.types import Prompt, Sample, collate
+
+    prompt = Prompt(index=0, text="p", ids=[1, 2], row={})
+    s = Sample(prompt=prompt, completion_ids=[10, 11, 90, 91, 12], rollout_logprobs=[-0.5, -0.25, 0.0, 0.0, -1.0],
+               text="", truncated=False, policy_version=0, generator=0, completion_mask=[1, 1, 0, 0, 1])
+    b = collate([s], pad_id=0)
+    # column t scores token t + 1: the first completion token (index 2) is scored at column 1
+    assert b.loss_mask.tolist() == [[0, 1, 1, 0, 0, 1]]
+    assert b.rollout_logprobs.tolist() == [[0.0, -0.5, -0.25, 0.0, 0.0, -1.0]]
