@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rlhf.types import EpisodeStats
+from rollout.decode import completion_texts
 from rollout.env import ENV_FAILURE_KINDS, EnvRunner
 from rollout.multiturn import ModelTurn, ReplyRenderer, Trajectory, build_trajectory
 from rollout.tools import TOOL_ERROR_KINDS, ToolBox
@@ -173,8 +174,6 @@ class Agent:
         return self.renderer.prompt_ids(prompt.messages) if self.toolbox else list(prompt.ids)
 
     def decode(self, before: list[int], new: list[int]) -> str:
-        from rollout.generator import completion_texts
-
         return completion_texts(self.tokenizer, before, [new])[0]
 
     def sample(self, prompt: Any, episode: Episode, generator: int, version: int) -> Any:

@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 
 from rlhf.tiny_model import CHAT_TEMPLATE
 from rollout.agent import AgentSettings, TurnOutput, run_episode
+from rollout.decode import completion_texts
 from rollout.env import EnvError, EnvRunner
-from rollout.generator import completion_texts
 from rollout.multiturn import ReplyRenderer
 from rollout.tools import ToolBox
 

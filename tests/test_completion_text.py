@@ -6,7 +6,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from rollout.generator import completion_texts
+from rollout.decode import completion_texts
 
 
 def sentencepiece_like() -> PreTrainedTokenizerFast:

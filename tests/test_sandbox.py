@@ -19,10 +19,15 @@ from rollout.tools import ToolBox
 FAST = SandboxLimits(wall_s=2.0, cpu_s=1, memory_mb=256, max_processes=16, max_output_bytes=1000)
 
 
-def no_children_left(deadline_s: float = 3.0) -> bool:
+def live_children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
+
+
+def no_children_left(before: set[int], deadline_s: float = 3.0) -> bool:
+    """No process the run started is alive (others, e.g. a server a fixture of another test started, may be)."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
-        if not [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]:
+        if not live_children() - before:
             return True
         time.sleep(0.05)
     return False
@@ -49,10 +54,11 @@ def test_a_loop_forever_hits_the_cpu_limit():
 
 
 def test_a_sleep_forever_hits_the_wall_clock_limit():
+    before = live_children()
     r = run_python("import time\nprint('started', flush=True)\ntime.sleep(60)", SandboxLimits(wall_s=1.0))
     assert r.outcome == "timeout" and r.returncode is None and r.seconds < 2.5
     assert r.stdout == "started\n"  # output written before the kill is kept
-    assert no_children_left()
+    assert no_children_left(before)
 
 
 def test_allocating_without_bound_hits_the_memory_limit():
@@ -64,20 +70,22 @@ def test_forks_are_limited_and_every_process_is_killed():
     code = ("import os, time\nn = 0\nfor _ in range(200):\n    try:\n        if os.fork() == 0:\n"
             "            time.sleep(60)\n            os._exit(0)\n        n += 1\n    except OSError as e:\n"
             "        print('refused after', n, type(e).__name__, flush=True)\n        break\ntime.sleep(60)")
+    before = live_children()
     r = run_python(code, FAST)
     assert r.outcome == "timeout"
     if r.uid is not None:  # RLIMIT_NPROC holds for a non-root uid only
         assert r.stdout.startswith("refused after ") and int(r.stdout.split()[2]) < FAST.max_processes
-    assert no_children_left()
+    assert no_children_left(before)
 
 
 def test_a_fork_bomb_is_contained():
     probe = run_python("pass", FAST)
     if probe.uid is None and not probe.pid_namespace:
         pytest.skip("neither RLIMIT_NPROC (needs a uid to drop to) nor a PID namespace is available here")
+    before = live_children()
     r = run_python("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", FAST)
     assert r.outcome == "timeout" and r.seconds < 4.0
-    assert no_children_left()
+    assert no_children_left(before)
 
 
 @pytest.mark.parametrize("namespaces", [True, False], ids=["namespace-if-allowed", "hook-only"])
