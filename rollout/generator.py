@@ -195,8 +195,8 @@ class Generator:
         prompt_ids = agent.prompt_ids(prompt)
         base = (seed + prompt.index) * 64  # each trajectory's seed depends only on its prompt and place in the group
         episodes = await asyncio.gather(*(
-            run_episode(complete, agent.decode, agent.renderer, prompt_ids, prompt.messages, agent.settings,
-                        base + k, runner=agent.runner(prompt.row), toolbox=agent.toolbox)
+            run_episode(complete, agent.decode, agent.renderer, prompt_ids, agent.prompt_messages(prompt),
+                        agent.settings, base + k, runner=agent.runner(prompt.row), toolbox=agent.toolbox)
             for k in range(1 if greedy else r.samples_per_prompt)))
         return SampleGroup(prompt=prompt, samples=[agent.sample(prompt, e, self.index, self.version)
                                                    for e in episodes])

@@ -183,3 +183,17 @@ def test_the_engine_generates_for_others_while_one_waits_on_its_environment(tok)
 
     episodes = asyncio.run(four())
     assert all(e.stats.stop == "done" and e.stats.turns == 2 for e in episodes)
+
+
+def test_tools_go_into_the_system_message_when_the_template_ignores_them(tok):
+    from rollout.agent import template_renders_tools, with_tools_in_system
+
+    schemas = ToolBox([add]).schemas
+    assert not template_renders_tools(tok, schemas)  # the tiny template, like SmolLM2's, has no tools section
+    with_tools = type(tok).from_pretrained(tok.name_or_path)
+    with_tools.chat_template = "{% if tools %}TOOLS {{ tools | tojson }}{% endif %}" + CHAT_TEMPLATE
+    assert template_renders_tools(with_tools, schemas)
+    messages = with_tools_in_system(PROMPT, schemas)
+    assert messages[0]["role"] == "system" and '"name": "add"' in messages[0]["content"] and messages[1:] == PROMPT
+    own = with_tools_in_system([{"role": "system", "content": "Be brief."}, *PROMPT], schemas)
+    assert own[0]["content"].startswith("Be brief.\n\nYou can call these tools") and len(own) == 2

@@ -219,7 +219,8 @@ def test_other_estimators_raise_the_reward(ray_cluster, tiny_model, tmp_path, al
 @pytest.mark.parametrize("loss", ["gspo", "cispo"])
 def test_gspo_and_cispo_raise_the_reward(ray_cluster, tiny_model, tmp_path, loss):
     """Two mini-batches a step, so the second optimizer step sees ratios away from 1 and the clip acts.
-    Measured over 30 steps on these configs: gspo 0.20 -> 0.55, cispo 0.21 -> 0.54; require +0.15."""
+    Measured over 30 steps on these configs (lr 1.5e-3): gspo 0.19 -> 0.56, cispo 0.20 -> 0.52; require +0.15.
+    At grpo_tiny's lr 3e-3 one GSPO run of three collapsed after step 22 (reward back to 0.1)."""
     cfg, summary, rows = _run(tiny_model, tmp_path, f"{loss}_tiny.yaml")
     assert cfg.algorithm.policy_loss == loss and all(r["train/optimizer_steps"] == 2 for r in rows)
     assert max(r["policy/clip_frac"] for r in rows) > 0  # the second mini-batch's ratio left the band

@@ -103,3 +103,19 @@ def test_a_skyrl_gym_environment_that_fails_is_penalized_or_stops_the_run(ray_cl
     cfg = load_config(CONFIG, _overrides(tiny_chat_model, tmp_path / "raise", **base, **{"env.on_error": "raise"}))
     with pytest.raises(Exception, match=r"environment Chaos\.step\(\)"):
         rlhf.run(cfg)
+
+
+def test_async_multiturn_turns_stay_within_the_staleness_bound(ray_cluster, tiny_chat_model, tmp_path):
+    """rollout.mode=async, max_staleness 1: weights are pushed while dialogues are between turns, so one
+    trajectory's turns may come from two versions; its oldest turn sets its staleness, which the
+    buffer bounds, and the gap is measured only on trajectories wholly from the trainer's weights."""
+    import rlhf
+
+    cfg = load_config(CONFIG, _overrides(tiny_chat_model, tmp_path, **{
+        "steps": 5, "rollout.mode": "async", "rollout.max_staleness": 1, "checkpoint.save_final": "false"}))
+    rows = _rows(rlhf.run(cfg))
+    assert len(rows) == 5 and all(r["buffer/staleness_max"] <= 1 for r in rows)
+    assert all(r["env/version_span_max"] <= 1 for r in rows)  # every turn within [oldest, trainer's]
+    assert all(r["data/prompts_taken"] == r["data/prompts_trained"] + r["data/prompts_dropped"] for r in rows)
+    gaps = [r["sync/logprob_gap"] for r in rows if "sync/logprob_gap" in r]
+    assert gaps and max(gaps) < LOGPROB_GAP_TOL
