@@ -1,15 +1,31 @@
-# Copied from the team's peer benchmark, shared/peer_trl (run_trl.py), unchanged below this line.
+# Copied from the team's peer benchmark, shared/peer_trl (run_trl.py). Added here for bench/vs_trl.py's real-model
+# size (smollm2): --reward, --chat, --max-completion-length, --temperature, --max-prompt-length and
+# --no-gradient-checkpointing. Without them it runs exactly as the peer's copy does.
 """Peer benchmark: TRL GRPOTrainer (trl 1.16.0) on CPU, fp32.
 
 usage: python run_trl.py --model DIR --prompts FILE --steps N [--use-vllm] [--lr 1e-5] [--out DIR]
+                         [--reward MODULE:FUNCTION] [--chat] [--max-completion-length 32] [--temperature 1.0]
+                         [--max-prompt-length 64] [--no-gradient-checkpointing]
 
 Per optimizer step: 8 prompts x num_generations=4 = 32 completions (TRL's per_device_train_batch_size counts
 completions, so it is 32), max_completion_length 32, beta 0.0, temperature 1.0, fp32, logging every step.
 Prints one JSON line per step (step, wall time, reward mean, per-phase times from TRL's profiling hooks) and a
 final summary JSON: samples_per_second = completions/s over steps 2..N (step 1 = warm-up excluded), total wall,
 mean reward of the first 5 and last 5 steps.
+
+Added options (the defaults are the peer's settings above):
+  --reward MODULE:FUNCTION  one of our reward functions (reward/api.py's signature: prompts and completions as
+                            strings, the row's other columns by name) in place of the peer's reward.py, wrapped in
+                            TRL's signature by trl_reward; imported with the repository root first on sys.path.
+  --chat                    each string prompt becomes one user message (a conversational dataset), so TRL renders
+                            it with the tokenizer's chat template and an opened assistant turn, as our
+                            data.apply_chat_template=true does; prompts are measured after rendering.
+  --no-gradient-checkpointing  TRL's GRPOConfig turns activation checkpointing on by default: every layer's
+                            forward runs again in the backward pass (~1/3 more compute); our trainer runs without it.
 """
 import argparse
+import functools
+import importlib
 import json
 import os
 import statistics
@@ -18,10 +34,45 @@ import time
 
 T_START = time.time()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PROMPTS_PER_STEP = 8
 NUM_GENERATIONS = 4
 MAX_PROMPT_LENGTH = 64  # TRL 1.16 has no max_prompt_length option any more; enforced here by filtering.
+TRL_EXTRAS = ("trainer_state", "log_extra", "log_metric", "environments")  # TRL's kwargs that are no dataset column
+
+
+def _text(x):
+    """A TRL prompt or completion as a string: conversational ones are lists of messages."""
+    if isinstance(x, list):
+        return "".join(m.get("content", "") for m in x if isinstance(m, dict))
+    return x
+
+
+def trl_reward(fn):
+    """Our reward function `fn(prompts, completions, completion_ids, **columns)` (strings in, one float or None
+    per completion out) in TRL's reward-function signature: TRL passes conversational prompts and completions as
+    message lists, and adds its own keyword arguments (TRL_EXTRAS), which are dropped here."""
+
+    @functools.wraps(fn)  # TRL names the reward in its logs by __name__
+    def reward(prompts, completions, completion_ids=None, **kwargs):
+        columns = {k: v for k, v in kwargs.items() if k not in TRL_EXTRAS}
+        return fn(prompts=[_text(p) for p in prompts], completions=[_text(c) for c in completions],
+                  completion_ids=completion_ids, **columns)
+
+    return reward
+
+
+def load_reward(spec):
+    """The peer's reward (bench/peer_trl/reward.py) for spec "", else the function `module:name`, wrapped."""
+    if not spec:
+        from reward import reward  # the peer's module, found first on sys.path (this script's directory)
+
+        return reward
+    # the repository root before this directory, whose reward.py would shadow the repository's reward package
+    sys.path.insert(0, REPO)
+    module, _, name = spec.partition(":")
+    return trl_reward(getattr(importlib.import_module(module), name))
 
 
 def main():
@@ -38,6 +89,15 @@ def main():
                          "fails on vLLM's CPU backend because it prepacks Linear weights and drops the Parameters) by "
                          "vLLM's model_runner.reload_weights(weights_iterator=...), which re-runs the prepacking.")
     ap.add_argument("--out", default=os.path.join(os.environ.get("BENCH_ROOT", "/tmp/peer_trl"), "out", "trl_run"))
+    ap.add_argument("--reward", default="", help="MODULE:FUNCTION of a reward in reward/api.py's signature "
+                                                 "(default: the peer's reward.py)")
+    ap.add_argument("--chat", action="store_true", help="string prompts become user messages (chat template)")
+    ap.add_argument("--max-completion-length", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-prompt-length", type=int, default=MAX_PROMPT_LENGTH,
+                    help="prompt tokens (after the chat template with --chat); a longer prompt stops the run")
+    ap.add_argument("--no-gradient-checkpointing", action="store_true",
+                    help="GRPOConfig(gradient_checkpointing=False); TRL's default is True")
     a = ap.parse_args()
 
     import torch
@@ -47,7 +107,7 @@ def main():
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from reward import reward
+    reward = load_reward(a.reward)
 
     # ---- per-phase timing: TRL only ships its profiling timings to wandb/mlflow/trackio; collect them here ----
     phases = {}
@@ -71,8 +131,17 @@ def main():
     tok = AutoTokenizer.from_pretrained(a.model)
     ds = load_dataset("json", data_files=a.prompts, split="train")
     n0 = len(ds)
-    ds = ds.filter(lambda r: len(tok(r["prompt"])["input_ids"]) <= MAX_PROMPT_LENGTH)
-    assert len(ds) == n0, "prompts longer than MAX_PROMPT_LENGTH were dropped"
+    if a.chat:  # a conversational dataset: TRL applies the chat template (add_generation_prompt=True)
+        ds = ds.map(lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}]}, remove_columns=["prompt"])
+
+        def n_tokens(r):
+            return len(tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"])
+    else:
+        def n_tokens(r):
+            return len(tok(r["prompt"])["input_ids"])
+    ds = ds.filter(lambda r: n_tokens(r) <= a.max_prompt_length)
+    assert len(ds) == n0, f"prompts longer than {a.max_prompt_length} tokens were dropped"
 
     cfg = GRPOConfig(
         output_dir=a.out,
@@ -80,13 +149,15 @@ def main():
         gradient_accumulation_steps=1,
         steps_per_generation=1,
         num_generations=NUM_GENERATIONS,
-        max_completion_length=32,
+        max_completion_length=a.max_completion_length,
         learning_rate=a.lr,
         beta=0.0,
-        temperature=1.0,
+        temperature=a.temperature,
         bf16=False,
         fp16=False,
         use_cpu=True,
+        # unless asked, GRPOConfig's own default (True), as the peer runs it
+        **({"gradient_checkpointing": False} if a.no_gradient_checkpointing else {}),
         logging_steps=1,
         max_steps=a.steps,
         save_strategy="no",
@@ -140,7 +211,9 @@ def main():
     init_s = time.time() - t_init
     phases.clear()
     print(json.dumps({"event": "trainer_ready", "init_s": round(init_s, 2), "trl": trl.__version__,
-                      "torch": torch.__version__, "threads": torch.get_num_threads(), "use_vllm": a.use_vllm}),
+                      "torch": torch.__version__, "threads": torch.get_num_threads(), "use_vllm": a.use_vllm,
+                      "gradient_checkpointing": cfg.gradient_checkpointing, "chat": a.chat,
+                      "reward": a.reward or "peer_trl/reward.py"}),
           flush=True)
     t_train = time.time()
     trainer.train()
