@@ -7,9 +7,9 @@ import ray
 import torch
 
 from actors import lora
-from actors.common import batch_logprobs, micro_logits
+from actors.common import batch_logprobs, micro_scores
 from actors.deepspeed_rank import DeepSpeedRank, node_host, shard_minibatches, sharded_forward
-from rlhf.algorithms import ObjectiveInputs, ObjectiveStats, entropy_from_logits, policy_objective, token_logprobs
+from rlhf.algorithms import ObjectiveInputs, ObjectiveStats, policy_objective
 from rlhf.config import RunConfig
 from rlhf.types import TrainBatch
 from weight_sync.group import free_port
@@ -54,8 +54,9 @@ class PolicyTrainer(DeepSpeedRank):
         for shard in minibatches:
             for mb in shard.chunks(self.cfg.grad_accum_steps):
                 t0 = self._clock()
-                logits = micro_logits(self.engine, mb, self.device, self.cfg.train.shares_prompts)
-                logp = token_logprobs(logits, mb.input_ids[:, 1:].to(self.device), temperature)
+                scores = micro_scores(self.engine, mb, temperature, self.device, self.cfg.train.shares_prompts,
+                                      entropy=objective.entropy_coef > 0)
+                logp = scores.logp
                 dev = self.device
                 out = policy_objective(ObjectiveInputs(
                     logp=logp,
@@ -64,7 +65,7 @@ class PolicyTrainer(DeepSpeedRank):
                     rollout_logp=mb.rollout_logprobs.to(dev), advantages=mb.advantages.to(dev),
                     mask=mb.loss_mask.to(dev), denominator=shard.loss_denominator,
                     ref_logp=None if mb.ref_logprobs is None else mb.ref_logprobs.to(dev),
-                    entropy=entropy_from_logits(logits, temperature) if objective.entropy_coef > 0 else None,
+                    entropy=scores.entropy,
                     on_policy=mb.on_policy_rows()), objective)
                 s["forward_s"] += self._clock() - t0
                 backward_s, step_s = self._backward_step(out.loss)

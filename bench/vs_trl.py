@@ -204,7 +204,7 @@ def smollm2_task(model_dir: Path, lr: float, trl_checkpointing: bool) -> Task:
                        check=True)
     return Task("smollm2", model_dir, REPO / "examples" / "arith" / "prompts.jsonl", marker(model_dir)["parameters"],
                 lr, max_new_tokens=24, temperature=0.7, max_prompt_tokens=128, chat=True,
-                our_reward="reward.builtin:math_answer", trl_reward="reward.builtin:math_answer", micro_batch_size=8,
+                our_reward="reward.builtin:math_answer", trl_reward="reward.builtin:math_answer", micro_batch_size=16,
                 trl_checkpointing=trl_checkpointing, profile=True)
 
 
