@@ -25,6 +25,11 @@ class Reference:
         ).to(self.device).eval()
         self.model.requires_grad_(False)
 
+    def reset(self, cfg: RunConfig) -> None:
+        """Serve another run of the same shape (rlhf.topology.TopologyPool): the frozen weights stay (the
+        shape fixes model.path), the run's settings (temperature, micro-batches) are `cfg`'s."""
+        self.cfg = cfg
+
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         return batch_logprobs(self.model, batch, self.cfg.rollout.temperature, self.cfg.train.micro_batch_size,
                               self.device, self.cfg.train.share_prompt_forward)

@@ -25,6 +25,7 @@ class PolicyTrainer(DeepSpeedRank):
         from transformers import AutoModelForCausalLM
 
         cfg = self.cfg
+        self._rendezvous = (master_addr, master_port)
 
         def build() -> torch.nn.Module:
             model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32,
@@ -35,7 +36,21 @@ class PolicyTrainer(DeepSpeedRank):
         # What a sync sends: every parameter, or with LoRA the merged weights of the adapted modules only.
         params = (lambda: lora.merged_weights(self.engine.module)) if cfg.train.lora_rank else dict(
             self.engine.module.named_parameters())
-        self.sender = WeightSender(params, self.rank, cfg.train.zero_stage, cfg.model.dtype)
+        if getattr(self, "sender", None) is None:
+            self.sender = WeightSender(params, self.rank, cfg.train.zero_stage, cfg.model.dtype)
+        else:  # reset(): the weight-sync group stays connected
+            self.sender.rebind(params)
+
+    def reset(self, cfg: RunConfig) -> None:
+        """Start another run of the same shape on this rank (rlhf.topology.TopologyPool): the model
+        reloaded from cfg.model.path, a new optimizer and schedule from cfg.train, the seed reset; the
+        process group and the weight-sync group stay. All ranks call this together (DeepSpeed's
+        initialize is collective)."""
+        import gc
+
+        self.cfg, self.engine = cfg, None
+        gc.collect()  # the last run's engine: its parameters, gradients and optimizer states
+        self.setup(*self._rendezvous)
 
     # ---- forward passes ----
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:

@@ -51,13 +51,16 @@ from rlhf.evaluation import evaluate
 from rlhf.metrics import RunLog
 from rlhf.rollouts import RolloutStream
 from rlhf.shaping import mask_truncated
-from rlhf.topology import Topology, build_topology, resolve_device, teardown
+from rlhf.topology import Topology, TopologyPool, build_topology, resolve_device, teardown
 from rlhf.types import Sample, collate
 from weight_sync.service import GeneratorLost
 
 
-def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> dict[str, Any]:
-    """Train `cfg`; extra Python reward callables join the configured ones with weight 1. Returns the summary."""
+def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None,
+        topologies: TopologyPool | None = None) -> dict[str, Any]:
+    """Train `cfg`; extra Python reward callables join the configured ones with weight 1. Returns the summary.
+    With `topologies`, the run takes its actors from the pool (a kept topology of the same shape, reset) and
+    gives them back when it ends well."""
     if not ray.is_initialized():
         ray.init()
     device = resolve_device(cfg)
@@ -79,7 +82,7 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
     rewards += [WeightedReward(getattr(fn, "__name__", repr(fn)), fn) for fn in reward_fns or []]
     resume_from = checkpoint.resume_path(cfg)
     log = RunLog(cfg)
-    topo = build_topology(cfg, device, run_id=log.dir.name)
+    topo = topologies.take(cfg, device, log.dir.name) if topologies else build_topology(cfg, device, log.dir.name)
     if cfg.resources.colocate and device == "cpu":
         print("resources.colocate on CPU: weights move through shared memory; vLLM has no sleep mode on CPU, so "
               "the generators keep their KV cache while the trainer trains", flush=True)
@@ -193,7 +196,10 @@ def run(cfg: RunConfig, reward_fns: list[Callable[..., Any]] | None = None) -> d
             stream.halt()
         teardown(topo, graceful=False)  # a failed sync may leave trainer rank 0 inside a broadcast
         raise
-    teardown(topo)
+    if topologies:
+        topologies.give_back(topo)
+    else:
+        teardown(topo)
     check_accounting(log.rows, loader.handed_out)
     evals = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in log.rows if "eval/reward/mean" in r]
     return log.finish({"eval_start": eval_start, "eval_end": evals[-1] if evals else {},

@@ -4,6 +4,9 @@
     ...
     teardown(topo)
 
+or, for runs of one shape one after another (a sweep, a test session), TopologyPool: the actors start
+once and each run resets them.
+
 Before any actor starts, the plan (rlhf/plan.py) estimates every actor's memory and refuses what
 cannot fit; then every role gets a Ray placement group, one bundle per actor (PACK or SPREAD, on the
 nodes that advertise the role's custom resource), and each actor is pinned to its bundle.
@@ -12,6 +15,7 @@ nodes that advertise the role's custom resource), and each actor is pinned to it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -337,3 +341,73 @@ def teardown(topo: Topology, graceful: bool = True) -> None:
             ray.kill(actor)
     if topo.placement is not None:
         topo.placement.remove()
+
+
+# What a run may change on a kept topology: everything its actors read per call. The rest of
+# rollout.* and train.* (and model, resources, weight_sync) is fixed when the actors start.
+PER_RUN_ROLLOUT = ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature", "top_p", "top_k",
+                   "max_restarts", "mode", "max_staleness", "inflight_on_update", "timeout_s", "buffer_groups")
+PER_RUN_TRAIN = ("lr", "lr_schedule", "weight_decay", "adam_betas", "optimizer", "grad_clip", "mini_batch_size",
+                 "micro_batch_size", "share_prompt_forward")
+
+
+def topology_shape(cfg: RunConfig) -> tuple | None:
+    """What the actors of cfg's topology fix when they start: a kept topology serves another run only if
+    the shapes are equal. None for a run whose topology is never kept: a critic's or a reward model's
+    state is not reset."""
+    if cfg.uses_critic or cfg.reward.model.path:
+        return None
+    rollout = dataclasses.replace(cfg.rollout, **{f: getattr(type(cfg.rollout)(), f) for f in PER_RUN_ROLLOUT})
+    train = dataclasses.replace(cfg.train, **{f: getattr(type(cfg.train)(), f) for f in PER_RUN_TRAIN})
+    return cfg.model, cfg.resources, cfg.weight_sync, cfg.uses_reference, rollout, train
+
+
+def reset_topology(topo: Topology, cfg: RunConfig, timeout_s: float = 600.0) -> None:
+    """Make topo serve cfg's run from its start: the generators drop the last run's requests, every trainer
+    rank rebuilds its engine from cfg.model.path (new optimizer, schedule and seed), the reference takes
+    cfg's settings, and a push brings the trainer's fresh weights to the generators as version 0."""
+    plan_run(cfg, topo.device)  # refuses what cannot fit, as a first build would
+    refs = [g.reset.remote(cfg) for g in topo.generators] + [r.reset.remote(cfg) for r in topo.trainer.ranks]
+    refs += [topo.reference.reset.remote(cfg)] if topo.reference is not None else []
+    ray.get(refs, timeout=timeout_s)  # an engine rebuild: seconds; the deadline guards against a hang only
+    topo.cfg, topo.trainer.cfg = cfg, cfg
+    topo.buffer = ReplayBuffer(capacity_groups=cfg.buffer_capacity)
+    topo.generator_restarts = 0
+    topo.weight_sync.push(version=0)
+
+
+class TopologyPool:
+    """Runs of one shape on one set of actors: `rlhf.run(cfg, topologies=pool)` takes the topology the
+    last run kept when its shape (topology_shape) is this run's, and resets it (reset_topology);
+    otherwise it tears the kept one down and builds anew. A run that ends well gives its topology back;
+    one that fails tears it down. vLLM's and DeepSpeed's start-up (15-20 s a run for the tiny model on
+    2 cores, and the first batch's warm-up) is then paid once per shape, not once per run."""
+
+    def __init__(self) -> None:
+        self._kept: Topology | None = None
+
+    def take(self, cfg: RunConfig, device: str, run_id: str) -> Topology:
+        kept, self._kept = self._kept, None
+        shape = topology_shape(cfg)
+        if kept is not None and kept.device == device and shape is not None and topology_shape(kept.cfg) == shape:
+            try:
+                reset_topology(kept, cfg)
+            except BaseException:
+                teardown(kept, graceful=False)
+                raise
+            return kept
+        if kept is not None:
+            teardown(kept)
+        return build_topology(cfg, device, run_id)
+
+    def give_back(self, topo: Topology) -> None:
+        """Keep topo for the next run of its shape (tear it down if it has none)."""
+        if topology_shape(topo.cfg) is None:
+            teardown(topo)
+        else:
+            self._kept = topo
+
+    def close(self) -> None:
+        if self._kept is not None:
+            teardown(self._kept)
+            self._kept = None

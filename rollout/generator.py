@@ -48,6 +48,10 @@ def omp_bind(cores: tuple[int, ...] | list[int], tp: int) -> str:
     return "|".join(",".join(map(str, cores[bounds[i]:bounds[i + 1]])) for i in range(tp))
 
 
+class RunEnded(RuntimeError):
+    """A request of a run that has ended (Generator.reset): nobody waits for its result any more."""
+
+
 @ray.remote
 class Generator:
     """An async Ray actor around a vLLM LLMEngine stepped on a thread of its own (rollout.engine): every
@@ -117,13 +121,17 @@ class Generator:
         self._idle.set()
         self._inflight: set[str] = set()
         self._delay_s = 0.0
+        self._run = 0  # counts reset()s: a request of an earlier run never starts, or restarts, on a later one
 
-    async def _complete(self, ids: list[int], params) -> tuple:
-        """Run one request to its end on one policy version: (the final RequestOutput, that version)."""
+    async def _complete(self, ids: list[int], params, run: int) -> tuple:
+        """Run one request of run `run` (see reset) to its end on one policy version: (the final
+        RequestOutput, that version)."""
         import uuid
 
         while True:
             await self._open.wait()
+            if run != self._run:
+                raise RunEnded(f"generator-{self.index}: the run this request belongs to has ended")
             version, request_id = self.version, uuid.uuid4().hex
             self._inflight.add(request_id)
             self._idle.clear()
@@ -135,7 +143,7 @@ class Generator:
                     self._idle.set()
             if final is not None:
                 return final, version
-            # aborted by a weight update: run again, on the new weights
+            # aborted by a weight update: run again, on the new weights (or by reset: end)
 
     def _params(self, prompt: Prompt, seed: int, greedy: bool):
         from vllm import SamplingParams
@@ -157,7 +165,7 @@ class Generator:
 
         if self.agent is not None:
             return await self._multi_turn_group(prompt, seed, greedy)
-        out, version = await self._complete(prompt.ids, self._params(prompt, seed, greedy))
+        out, version = await self._complete(prompt.ids, self._params(prompt, seed, greedy), self._run)
         if self._delay_s:
             await asyncio.sleep(self._delay_s)
         samples = []
@@ -180,13 +188,13 @@ class Generator:
 
         from rollout.agent import TurnOutput, run_episode
 
-        r, agent = self.cfg.rollout, self.agent
+        r, agent, run = self.cfg.rollout, self.agent, self._run
 
         async def complete(ids: list[int], max_tokens: int, turn_seed: int) -> TurnOutput:
             params = SamplingParams(n=1, temperature=0.0 if greedy else r.temperature, top_p=r.top_p, top_k=r.top_k,
                                     max_tokens=max_tokens, logprobs=0, seed=None if greedy else turn_seed,
                                     output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)
-            out, version = await self._complete(ids, params)
+            out, version = await self._complete(ids, params, run)
             c = out.outputs[0]
             tokens = list(c.token_ids)
             return TurnOutput(tokens, [step[t].logprob for t, step in zip(tokens, c.logprobs, strict=True)],
@@ -233,11 +241,27 @@ class Generator:
         import torch
 
         t0 = time.perf_counter()
-        done = await asyncio.gather(*(self._complete(p.ids, self._params(p, seed, False)) for p in prompts))
+        done = await asyncio.gather(*(self._complete(p.ids, self._params(p, seed, False), self._run)
+                                     for p in prompts))
         dt = time.perf_counter() - t0
         outs = [out for out, _version in done]
         return dt, sum(len(c.token_ids) for o in outs for c in o.outputs), sum(len(o.outputs) for o in outs), \
             await self.engine.call(torch.get_num_threads)  # the engine thread's
+
+    async def reset(self, cfg: RunConfig) -> None:
+        """Serve another run of the same shape (rlhf.topology.TopologyPool): the last run's requests still
+        in flight are aborted and never restarted, its settings give way to `cfg`'s, and a test's
+        slow_down ends. The weights stay until the new run's first push (version 0, its trainer's)."""
+        self._run += 1
+        if self._inflight:
+            await self.engine.abort(list(self._inflight))
+        await self._idle.wait()
+        self.cfg, self._delay_s = cfg, 0.0
+        self.agent = None
+        if cfg.env.active:
+            from rollout.agent import Agent
+
+            self.agent = Agent(cfg)
 
     def serving_version(self) -> int:
         return self.version

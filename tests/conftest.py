@@ -83,11 +83,24 @@ def tiny_tied_model(tmp_path_factory) -> Path:
 def ray_cluster():
     import ray
 
-    # Logical CPUs above the 2 real cores: the shared stack stays up while a test builds a run of
-    # its own; only one of them is busy at a time.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs above the 2 real cores: the shared stack and the pool's kept topology stay up while a
+    # test builds a run of its own; only one of them is busy at a time.
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def topologies(ray_cluster):
+    """A TopologyPool for the end-to-end runs of the tiny model's one-generator, one-rank shape (grpo_tiny and
+    the configs derived from it): they share one set of actors, reset between runs (rlhf.topology), instead
+    of each paying vLLM's and DeepSpeed's start-up. tests/test_topology_pool.py checks that a run on a reset
+    topology trains exactly as one on a fresh topology. Runs of other shapes build their own."""
+    from rlhf.topology import TopologyPool
+
+    pool = TopologyPool()
+    yield pool
+    pool.close()
 
 
 @pytest.fixture(scope="session")

@@ -28,9 +28,9 @@ pytestmark = pytest.mark.slow
 LOSS_TOL = 1e-5
 
 
-def _run(tiny_model: Path, tmp_path: Path, **overrides) -> tuple[list[dict], dict]:
+def _run(tiny_model: Path, tmp_path: Path, topologies=None, **overrides) -> tuple[list[dict], dict]:
     cfg = load_config(REPO / "configs" / "grpo_tiny.yaml", tiny_overrides(tiny_model, tmp_path, **overrides))
-    summary = rlhf.run(cfg)
+    summary = rlhf.run(cfg, topologies=topologies)
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     return rows, summary
 
@@ -43,10 +43,10 @@ def _check_accounts(rows: list[dict], prompts_per_step: int) -> None:
         assert r["data/prompts_dropped"] == r["data/dropped/stale"] + r.get("data/dropped/run_end", 0.0)
 
 
-def test_async_with_staleness_0_trains_exactly_like_sync(ray_cluster, tiny_model, tmp_path):
+def test_async_with_staleness_0_trains_exactly_like_sync(topologies, tiny_model, tmp_path):
     common = {"steps": 4, "checkpoint.save_final": "false"}
-    sync_rows, _ = _run(tiny_model, tmp_path / "sync", name="sync", **common)
-    async_rows, _ = _run(tiny_model, tmp_path / "async", name="async0", **common, **{
+    sync_rows, _ = _run(tiny_model, tmp_path / "sync", topologies, name="sync", **common)
+    async_rows, _ = _run(tiny_model, tmp_path / "async", topologies, name="async0", **common, **{
         "rollout.mode": "async", "rollout.max_staleness": 0})
     assert len(sync_rows) == len(async_rows) == 4
     for s, a in zip(sync_rows, async_rows, strict=True):
@@ -96,10 +96,10 @@ def test_async_staleness_1_with_a_slowed_generator_stays_within_bound_and_accoun
     assert summary["steps"] == steps
 
 
-def test_async_staleness_2_finishing_requests_on_old_weights(ray_cluster, tiny_model, tmp_path):
+def test_async_staleness_2_finishing_requests_on_old_weights(topologies, tiny_model, tmp_path):
     """inflight_on_update=finish: requests running at a weight update complete on the old weights;
     samples stay within 2 versions, and the TIS weights are reported."""
-    rows, _ = _run(tiny_model, tmp_path, name="stale2", steps=6, **{
+    rows, _ = _run(tiny_model, tmp_path, topologies, name="stale2", steps=6, **{
         "rollout.mode": "async", "rollout.max_staleness": 2, "rollout.inflight_on_update": "finish",
         "checkpoint.save_final": "false"})
     assert all(r["buffer/staleness_max"] <= 2 for r in rows)

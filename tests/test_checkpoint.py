@@ -32,7 +32,7 @@ def test_only_complete_checkpoints_are_resumed_from(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_resumed_run_continues_as_if_it_had_never_stopped(ray_cluster, tiny_model, tmp_path):
+def test_a_resumed_run_continues_as_if_it_had_never_stopped(topologies, tiny_model, tmp_path):
     """4 steps straight vs 2 steps, stop, resume to 4: steps 3-4 give the same rewards (sampling is
     seeded per request, so the same weights give the same samples) and losses within 1e-5."""
     import rlhf
@@ -41,11 +41,11 @@ def test_a_resumed_run_continues_as_if_it_had_never_stopped(ray_cluster, tiny_mo
         return load_config(TINY, tiny_overrides(tiny_model, tmp_path / name, **{
             "steps": 4, "checkpoint.every": 2, "checkpoint.keep": 1, **extra}))
 
-    straight = _rows(rlhf.run(cfg("straight")))
-    first_half = rlhf.run(cfg("resumed", steps=2))
+    straight = _rows(rlhf.run(cfg("straight"), topologies=topologies))
+    first_half = rlhf.run(cfg("resumed", steps=2), topologies=topologies)
     root = Path(first_half["run_dir"]).parent / "grpo_tiny" / "checkpoints"
     assert [p.name for p in complete_checkpoints(root)] == ["step-000002"]
-    resumed = _rows(rlhf.run(cfg("resumed", **{"checkpoint.resume": "auto"})))
+    resumed = _rows(rlhf.run(cfg("resumed", **{"checkpoint.resume": "auto"}), topologies=topologies))
 
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(straight[2:], resumed):
@@ -62,13 +62,13 @@ def test_a_resumed_run_continues_as_if_it_had_never_stopped(ray_cluster, tiny_mo
 
 
 @pytest.mark.slow
-def test_evaluation_is_logged_and_the_best_checkpoint_is_kept(ray_cluster, tiny_model, tmp_path):
+def test_evaluation_is_logged_and_the_best_checkpoint_is_kept(topologies, tiny_model, tmp_path):
     import rlhf
 
     cfg = load_config(TINY, tiny_overrides(tiny_model, tmp_path, **{
         "steps": 4, "eval.every": 2, "eval.num_prompts": 6, "checkpoint.every": 1, "checkpoint.keep": 1,
         "checkpoint.keep_best_by": "eval/reward/mean"}))
-    summary = rlhf.run(cfg)
+    summary = rlhf.run(cfg, topologies=topologies)
     rows = _rows(summary)
     evaluated = [r["step"] for r in rows if "eval/reward/mean" in r]
     assert evaluated == [2, 4]

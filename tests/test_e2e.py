@@ -137,7 +137,7 @@ def digits_only(prompts, completions, charset, **kwargs):
 '''
 
 
-def test_grpo_run_end_to_end_raises_the_reward_with_a_user_reward_file(ray_cluster, tiny_model, tmp_path):
+def test_grpo_run_end_to_end_raises_the_reward_with_a_user_reward_file(topologies, tiny_model, tmp_path):
     """30 steps of GRPO through the real stack; the reward comes from a user's file given by path."""
     import rlhf
 
@@ -146,7 +146,7 @@ def test_grpo_run_end_to_end_raises_the_reward_with_a_user_reward_file(ray_clust
     (user_dir / "my_reward.py").write_text(USER_REWARD)
     cfg = load_config(TINY, tiny_overrides(tiny_model, tmp_path, **{
         "reward.functions.0.fn": f"{user_dir / 'my_reward.py'}:digits_only", "logging.wandb": "offline"}))
-    summary = rlhf.run(cfg)
+    summary = rlhf.run(cfg, topologies=topologies)
 
     run_dir = Path(summary["run_dir"])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -209,30 +209,30 @@ def test_two_rank_zero3_run_with_reference_keeps_generator_in_sync(ray_cluster, 
 
 
 @pytest.mark.parametrize("algo", ["rloo", "reinforce_pp"])
-def test_other_estimators_raise_the_reward(ray_cluster, tiny_model, tmp_path, algo):
+def test_other_estimators_raise_the_reward(topologies, tiny_model, tmp_path, algo):
     """Measured over 30 steps on this config: rloo 0.17 -> 0.50, reinforce_pp 0.17 -> 0.48; require +0.15."""
-    cfg, summary, _ = _run(tiny_model, tmp_path, f"{algo}_tiny.yaml")
+    cfg, summary, _ = _run(tiny_model, tmp_path, f"{algo}_tiny.yaml", topologies)
     assert cfg.algorithm.advantage == algo
     assert summary["reward_last5_mean"] - summary["reward_first5_mean"] >= 0.15, summary
 
 
 @pytest.mark.parametrize("loss", ["gspo", "cispo"])
-def test_gspo_and_cispo_raise_the_reward(ray_cluster, tiny_model, tmp_path, loss):
+def test_gspo_and_cispo_raise_the_reward(topologies, tiny_model, tmp_path, loss):
     """Two mini-batches a step, so the second optimizer step sees ratios away from 1 and the clip acts.
     Measured over 30 steps on these configs (lr 1.5e-3): gspo 0.19 -> 0.56, cispo 0.20 -> 0.52; require +0.15.
     At grpo_tiny's lr 3e-3 one GSPO run of three collapsed after step 22 (reward back to 0.1)."""
-    cfg, summary, rows = _run(tiny_model, tmp_path, f"{loss}_tiny.yaml")
+    cfg, summary, rows = _run(tiny_model, tmp_path, f"{loss}_tiny.yaml", topologies)
     assert cfg.algorithm.policy_loss == loss and all(r["train/optimizer_steps"] == 2 for r in rows)
     assert max(r["policy/clip_frac"] for r in rows) > 0  # the second mini-batch's ratio left the band
     assert all(r["correction/weight"] == pytest.approx(1.0, abs=1e-3) for r in rows)  # sync: rollout == trainer
     assert summary["reward_last5_mean"] - summary["reward_first5_mean"] >= 0.15, summary
 
 
-def _run(tiny_model, tmp_path, config: str, **overrides):
+def _run(tiny_model, tmp_path, config: str, topologies=None, **overrides):
     import rlhf
 
     cfg = load_config(REPO / "configs" / config, tiny_overrides(tiny_model, tmp_path, **overrides))
-    summary = rlhf.run(cfg)
+    summary = rlhf.run(cfg, topologies=topologies)
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert max(r["policy/first_ratio_max_dev"] for r in rows) < 1e-6
     assert max(r["policy/first_kl"] for r in rows) < 1e-6
@@ -254,10 +254,10 @@ def test_ppo_with_a_critic_raises_the_reward_and_the_explained_variance(ray_clus
     assert summary["reward_last5_mean"] - summary["reward_first5_mean"] >= 0.15, summary
 
 
-def test_dapo_filters_groups_without_signal_and_accounts_for_every_prompt(ray_cluster, tiny_model, tmp_path):
+def test_dapo_filters_groups_without_signal_and_accounts_for_every_prompt(topologies, tiny_model, tmp_path):
     """Measured: total reward (charset + overlong penalty) -0.77 -> +0.22 as completions stop before the
     length buffer; dynamic sampling set aside 26 groups over the run. Require a gain of 0.15."""
-    cfg, summary, rows = _run(tiny_model, tmp_path, "dapo_tiny.yaml")
+    cfg, summary, rows = _run(tiny_model, tmp_path, "dapo_tiny.yaml", topologies)
     for r in rows:
         assert r["data/prompts_taken"] == r["data/prompts_trained"] + r["data/prompts_filtered"]
         assert r["data/prompts_trained"] == cfg.rollout.prompts_per_step

@@ -36,7 +36,7 @@ def test_grpo_on_smollm2_keeps_the_generator_in_sync_and_ends_turns_on_im_end(ra
     cfg = load_config(REPO / "configs" / "grpo_smollm2_arith.yaml", [
         f"model.path={smollm2}", f"data.path={ARITH / 'prompts.jsonl'}", f"logging.output_dir={tmp_path}",
         "logging.wandb=disabled", "steps=3", "rollout.prompts_per_step=2", "train.mini_batch_size=8",
-        "eval.every=0", "checkpoint.save_final=true", "weight_sync.on_gap_alarm=raise"])
+        "train.micro_batch_size=8", "eval.every=0", "checkpoint.save_final=true", "weight_sync.on_gap_alarm=raise"])
     summary = rlhf.run(cfg, reward_fns=[record])
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
 

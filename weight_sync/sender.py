@@ -32,6 +32,15 @@ class WeightSender:
     def params(self) -> dict[str, torch.Tensor]:
         return self._params() if callable(self._params) else self._params
 
+    def rebind(self, params: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Send these parameters from now on (a rebuilt engine's, PolicyTrainer.reset), over the same group
+        and buckets: their names and shapes must be the ones connected with."""
+        if [m[:2] + (tuple(m[2]),) for m in self.meta()] != [
+                (n, self.send_dtype, tuple(getattr(p, "ds_shape", p.shape)))
+                for n, p in (params() if callable(params) else params).items()]:
+            raise ValueError("the rebound parameters' names or shapes differ from those the sync group connected with")
+        self._params = params
+
     def meta(self) -> list[tuple[str, str, list[int]]]:
         # ZeRO-3 partitions parameters in place; ds_shape is the full shape.
         return [(n, self.send_dtype, list(getattr(p, "ds_shape", p.shape))) for n, p in self.params.items()]
