@@ -26,7 +26,7 @@ user message rendered by the model's chat template with its default system promp
 data.apply_chat_template=true; TRL: a conversational dataset, run_trl.py --chat), and reward.builtin:math_answer on
 both sides (TRL: the same function, wrapped in TRL's signature by run_trl.py's trl_reward). From that config:
 8 prompts x 4 samples, 24 new tokens, temperature 0.7, lr 2e-5, fp32, beta 0, prompts of at most 128 tokens,
-micro-batches of 8 (TRL: one of 32; the same gradient). Kept from the peer task's settings above, and so differing
+micro-batches of 16 (TRL: one of 32; the same gradient). Kept from the peer task's settings above, and so differing
 from the shipped config: lr decaying linearly to 0 (TRL's scheduler; the config's is constant), std + 1e-4 (TRL's;
 the config's is 1e-6), ZeRO stage 0 (one rank: the same update as the config's stage 1), no weight-sync
 verification, clip 0.2/0.2, token-mean loss, scale_rewards="group". One difference from the peer task: TRL runs
@@ -305,7 +305,7 @@ def train_tokens(samples_jsonl: Path, model: Path, shared_prompts: bool) -> dict
     """Per step, the token positions our train phase runs (module docstring: T of the FLOP rate), from
     samples.jsonl holding every sample (logging.samples_per_step=32). A row's prompt is the rendered text, whose
     tokens are its ids (rlhf/data.py tokenizes it without adding special tokens); completion_tokens include the
-    final EOS. The batch keeps a group's samples together, and a micro-batch of 8 holds 2 whole groups of 4, so
+    final EOS. The batch keeps a group's samples together, and a micro-batch of 16 holds 4 whole groups of 4, so
     with the shared prompt forward each group's prompt runs once."""
     from transformers import AutoTokenizer
 
