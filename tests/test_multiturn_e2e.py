@@ -60,13 +60,13 @@ def _rows(summary) -> list[dict]:
     return [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_multiturn_grpo_raises_the_reward_training_only_the_models_tokens(ray_cluster, tiny_chat_model, tmp_path):
+def test_multiturn_grpo_raises_the_reward_training_only_the_models_tokens(topologies, tiny_chat_model, tmp_path):
     """30 steps of the two-turn dialogue. Measured: reward 0.14 -> 0.50 (the tiny model learns to answer
     in digits, which pays in the turn that asks for them); require a gain of 0.2."""
     import rlhf
 
     cfg = load_config(CONFIG, _overrides(tiny_chat_model, tmp_path))
-    summary = rlhf.run(cfg)
+    summary = rlhf.run(cfg, topologies=topologies)
     rows = _rows(summary)
     assert len(rows) == cfg.steps
     for r in rows:
@@ -81,7 +81,7 @@ def test_multiturn_grpo_raises_the_reward_training_only_the_models_tokens(ray_cl
     assert summary["reward_last5_mean"] - summary["reward_first5_mean"] >= 0.2, summary
 
 
-def test_a_skyrl_gym_environment_that_fails_is_penalized_or_stops_the_run(ray_cluster, tiny_chat_model, tmp_path):
+def test_a_skyrl_gym_environment_that_fails_is_penalized_or_stops_the_run(topologies, tiny_chat_model, tmp_path):
     """Under penalize, each failure kind is counted and its trajectory trained with the penalty; every
     prompt is accounted for. Under raise, the first failure stops the run with an error naming it."""
     import rlhf
@@ -92,7 +92,7 @@ def test_a_skyrl_gym_environment_that_fails_is_penalized_or_stops_the_run(ray_cl
             "env.cls": f"{env_file}:Chaos", "env.kwargs": "{hang_s: 5}", "env.timeout_s": 1, "env.max_turns": 1}
     cfg = load_config(CONFIG, _overrides(tiny_chat_model, tmp_path / "penalize", **base, **{
         "env.on_error": "penalize", "env.penalty": -1.0}))
-    rows = _rows(rlhf.run(cfg))
+    rows = _rows(rlhf.run(cfg, topologies=topologies))
     failed = {k: sum(r[f"env/failures/{k}"] for r in rows) for k in ("raised", "timeout", "wrong_type")}
     assert all(n > 0 for n in failed.values()), failed  # 32 trajectories, each of the three kinds among them
     assert sum(failed.values()) == sum(r["env/stop/env_error"] * r["rollout/samples"] for r in rows)
@@ -102,10 +102,10 @@ def test_a_skyrl_gym_environment_that_fails_is_penalized_or_stops_the_run(ray_cl
 
     cfg = load_config(CONFIG, _overrides(tiny_chat_model, tmp_path / "raise", **base, **{"env.on_error": "raise"}))
     with pytest.raises(Exception, match=r"environment Chaos\.step\(\)"):
-        rlhf.run(cfg)
+        rlhf.run(cfg, topologies=topologies)
 
 
-def test_async_multiturn_turns_stay_within_the_staleness_bound(ray_cluster, tiny_chat_model, tmp_path):
+def test_async_multiturn_turns_stay_within_the_staleness_bound(topologies, tiny_chat_model, tmp_path):
     """rollout.mode=async, max_staleness 1: weights are pushed while dialogues are between turns, so one
     trajectory's turns may come from two versions; its oldest turn sets its staleness, which the
     buffer bounds, and the gap is measured only on trajectories wholly from the trainer's weights."""
@@ -113,7 +113,7 @@ def test_async_multiturn_turns_stay_within_the_staleness_bound(ray_cluster, tiny
 
     cfg = load_config(CONFIG, _overrides(tiny_chat_model, tmp_path, **{
         "steps": 5, "rollout.mode": "async", "rollout.max_staleness": 1, "checkpoint.save_final": "false"}))
-    rows = _rows(rlhf.run(cfg))
+    rows = _rows(rlhf.run(cfg, topologies=topologies))
     assert len(rows) == 5 and all(r["buffer/staleness_max"] <= 1 for r in rows)
     assert all(r["env/version_span_max"] <= 1 for r in rows)  # every turn within [oldest, trainer's]
     assert all(r["data/prompts_taken"] == r["data/prompts_trained"] + r["data/prompts_dropped"] for r in rows)
