@@ -367,13 +367,18 @@ def reset_topology(topo: Topology, cfg: RunConfig, timeout_s: float = 600.0) -> 
     rank rebuilds its engine from cfg.model.path (new optimizer, schedule and seed), the reference takes
     cfg's settings, and a push brings the trainer's fresh weights to the generators as version 0."""
     plan_run(cfg, topo.device)  # refuses what cannot fit, as a first build would
-    refs = [g.reset.remote(cfg) for g in topo.generators] + [r.reset.remote(cfg) for r in topo.trainer.ranks]
+    # Deadlines guard against a hang only: an engine rebuild takes seconds.
+    ray.get([g.reset.remote(cfg) for g in topo.generators], timeout=timeout_s)
+    # Colocated on a GPU the generators sleep while the ranks rebuild, as at start-up (start_roles),
+    # and wake around the push (a no-op elsewhere).
+    topo.colocated_sleep()
+    refs = [r.reset.remote(cfg) for r in topo.trainer.ranks]
     refs += [topo.reference.reset.remote(cfg)] if topo.reference is not None else []
-    ray.get(refs, timeout=timeout_s)  # an engine rebuild: seconds; the deadline guards against a hang only
+    ray.get(refs, timeout=timeout_s)
     topo.cfg, topo.trainer.cfg = cfg, cfg
     topo.buffer = ReplayBuffer(capacity_groups=cfg.buffer_capacity)
     topo.generator_restarts = 0
-    topo.weight_sync.push(version=0)
+    topo.colocated_push(lambda: topo.weight_sync.push(version=0))
 
 
 class TopologyPool:
