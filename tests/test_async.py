@@ -63,7 +63,7 @@ def test_async_staleness_1_with_a_slowed_generator_stays_within_bound_and_accoun
     is at most 1 version old, some are off-policy, and every prompt is trained or dropped, once."""
     from ray._private.state import actors
 
-    steps, per_step = 8, 8
+    steps, per_step = 6, 8
     slowed: list[str] = []
 
     def slow_generator_1() -> None:

@@ -85,9 +85,11 @@ def test_evaluation_is_logged_and_the_best_checkpoint_is_kept(topologies, tiny_m
 
 
 @pytest.mark.slow
-def test_a_checkpoint_loads_in_transformers_and_vllm_and_reproduces_the_trainers_logprobs(stack, tmp_path):
-    """After a training step the real checkpoint writer saves the stack's trainer; a fresh vLLM engine
-    and plain transformers, both loading policy_hf from disk, give the trainer's log-probs."""
+def test_a_checkpoint_reproduces_the_trainer_in_transformers_and_vllm_and_pushed_generators_match_it(stack, tmp_path):
+    """After a training step and its push, the real checkpoint writer saves the stack's trainer; a fresh vLLM
+    engine and plain transformers, both loading policy_hf from disk, give the trainer's log-probs, and each
+    of the stack's two generators, which got the step's weights by the push, decodes greedily exactly as
+    the fresh engine does."""
     import ray
     import torch
     from transformers import AutoModelForCausalLM
@@ -101,10 +103,13 @@ def test_a_checkpoint_loads_in_transformers_and_vllm_and_reproduces_the_trainers
 
     cfg, topo = stack
     tok, loader = _loader(cfg)
+    greedy_prompts = loader.next_batch(6)
+    before = [_greedy([g], greedy_prompts) for g in topo.generators]
     batch, samples = _generate_batch(cfg, topo, loader, tok, seed=11)
     _, old = _gap(topo, batch)
     _train_once(cfg, topo, batch, samples, old, step=1)  # weights no longer those of the model on disk
-    topo.weight_sync.push(topo.weight_sync.version + 1)  # keep the shared stack's generators in sync
+    topo.weight_sync.push(topo.weight_sync.version + 1)
+    after = [_greedy([g], greedy_prompts) for g in topo.generators]
     cfg_ckpt = load_config(TINY, tiny_overrides(cfg.model.path, tmp_path, **{"checkpoint.dir": tmp_path / "ckpt"}))
     hf_dir = checkpoint.save(topo, cfg_ckpt, 7, loader.state_dict(), {}) / "policy_hf"
 
@@ -113,8 +118,11 @@ def test_a_checkpoint_loads_in_transformers_and_vllm_and_reproduces_the_trainers
         0, fresh_cfg, "cpu")
     try:
         groups = ray.get(fresh.generate.remote(loader.next_batch(cfg.rollout.prompts_per_step), 12))
+        reference = _greedy([fresh], greedy_prompts)
     finally:
         ray.kill(fresh)
+    assert len(after) == 2 and all(a == reference for a in after)  # the push brought the checkpoint's weights
+    assert after[0] != before[0], "one training step changed no greedy output: the test could not see a no-op push"
     batch = collate([s for g in groups for s in g.samples], tok.pad_token_id)
     trainer_lp = topo.trainer.compute_logprobs(batch)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -126,3 +134,9 @@ def test_a_checkpoint_loads_in_transformers_and_vllm_and_reproduces_the_trainers
     start = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
     start_lp = batch_logprobs(start, batch, cfg.rollout.temperature, 16, torch.device("cpu"))
     assert masked_mean((start_lp - hf_lp).abs(), mask).item() > 100 * LOGPROB_GAP_TOL
+
+
+def _greedy(generators, prompts) -> list[list[int]]:
+    from rollout.generator import generate_groups
+
+    return [g.samples[0].completion_ids for g in generate_groups(generators, prompts, seed=0, greedy=True)]

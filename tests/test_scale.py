@@ -29,15 +29,15 @@ def test_roles_land_on_the_nodes_the_config_names_and_a_run_completes_across_two
     assert result["summary"]["steps"] == 3
 
 
-def test_a_tp2_generator_after_a_push_equals_a_fresh_tp2_engine_on_the_same_weights(ray_cluster, tiny_model,
-                                                                                     tmp_path):
-    """Both TP workers join the weight-sync group; greedy completions after a training step's push
-    equal those of a new TP=2 engine loading the trainer's weights from disk."""
+def test_a_tp2_generator_serves_the_trainers_weights_after_a_push(ray_cluster, tiny_model, tmp_path):
+    """Both TP workers join the weight-sync group: after a training step's push, the log-probs the TP=2
+    engine gives its samples equal the trainer's to fp32 noise. A worker left on the old shard would
+    compute half of every layer with stale weights (the gap after one skipped sync is ~1e-2 here,
+    tests/test_e2e.py), and one that missed the push would stamp the wrong version."""
     import ray
 
     from rlhf.topology import build_topology, teardown
-    from rollout.generator import Generator, generator_env
-    from tests.test_e2e import _gap, _generate_batch, _loader, _train_once
+    from tests.test_e2e import LOGPROB_GAP_TOL, _gap, _generate_batch, _loader, _train_once
 
     cfg = load_config(TINY, tiny_overrides(tiny_model, tmp_path, **{
         "rollout.tensor_parallel_size": 2, "resources.generator_cpus": 2}))
@@ -46,36 +46,27 @@ def test_a_tp2_generator_after_a_push_equals_a_fresh_tp2_engine_on_the_same_weig
         assert ray.get(topo.generators[0].num_workers.remote()) == 2
         tok, loader = _loader(cfg)
         batch, samples = _generate_batch(cfg, topo, loader, tok, seed=5)
-        _, old = _gap(topo, batch)
+        gap_before, old = _gap(topo, batch)
         _train_once(cfg, topo, batch, samples, old, step=1)
         topo.weight_sync.push(1)
-        prompts = loader.next_batch(8)
-        pushed = ray.get(topo.generators[0].generate.remote(prompts, 0, True))
-        hf_dir = tmp_path / "trained"
-        topo.trainer.save_hf(str(hf_dir))
+        batch, samples = _generate_batch(cfg, topo, loader, tok, seed=6)
+        gap_after, _ = _gap(topo, batch)
     finally:
         teardown(topo)
-    fresh_cfg = load_config(TINY, tiny_overrides(hf_dir, tmp_path, **{"rollout.tensor_parallel_size": 2}))
-    fresh = Generator.options(num_cpus=0, runtime_env={"env_vars": generator_env(fresh_cfg, "cpu")}).remote(
-        0, fresh_cfg, "cpu")
-    try:
-        reference = ray.get(fresh.generate.remote(prompts, 0, True))
-    finally:
-        ray.kill(fresh)
-    got = [g.samples[0].completion_ids for g in pushed]
-    want = [g.samples[0].completion_ids for g in reference]
-    assert got == want
-    assert all(g.samples[0].policy_version == 1 for g in pushed)
+    assert gap_before < LOGPROB_GAP_TOL and gap_after < LOGPROB_GAP_TOL, (gap_before, gap_after)
+    assert all(s.policy_version == 1 for s in samples)
 
 
 def test_dry_run_prints_the_plan_and_refuses_what_cannot_fit(ray_cluster, tiny_model, tmp_path, capsys):
-    """The CLI's --dry-run on a cluster of its own; the refusal on the tests' cluster, in this process."""
+    """The CLI's --dry-run, a driver of its own on the tests' cluster (as a user's on a running head); the
+    refusal on that cluster, in this process."""
     from rlhf.train import print_plan
 
     cli = [sys.executable, "-m", "rlhf.train", "--config", str(TINY), "--dry-run",
            *tiny_overrides(tiny_model, tmp_path)]
-    # A deadline against a hang only: a local Ray start and the imports take ~15 s here.
-    ok = subprocess.run(cli, capture_output=True, text=True, env=dict(os.environ, RAY_ADDRESS="local"), cwd=REPO,
+    address = ray_cluster.get_runtime_context().gcs_address
+    # A deadline against a hang only: the imports and the connection take ~10 s here.
+    ok = subprocess.run(cli, capture_output=True, text=True, env=dict(os.environ, RAY_ADDRESS=address), cwd=REPO,
                         timeout=600)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "generator-0" in ok.stdout and "trainer-rank-0" in ok.stdout and "total host memory" in ok.stdout
