@@ -77,3 +77,18 @@ def test_free_port_avoids_ray_and_ephemeral_ports():
         assert PORT_RANGE[0] <= port < min(PORT_RANGE[1], low)
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # free
+
+
+def test_checksums_equal_the_formula_across_the_weights_period():
+    # 70001 elements in chunks of 999: chunks start at every phase of the 65521-periodic position weights
+    [bucket] = plan_buckets([ParamMeta("w", "float32", (70001,)), ParamMeta("b", "float32", (3,))], 1 << 30)
+    flat = pack(bucket, [torch.randn(70001, generator=torch.Generator().manual_seed(0)) * 1e30,
+                         torch.tensor([1.0, -2.0, 0.5])])
+    want = []
+    for meta, offset in zip(bucket.params, bucket.offsets):
+        words = flat[offset : offset + meta.numel].view(torch.int32).tolist()
+        plain = sum(words)
+        weighted = sum(w * ((i + 1) % 65521) for i, w in enumerate(words))
+        wrap = lambda x: (x + 2**63) % 2**64 - 2**63  # noqa: E731  (int64 sums wrap)
+        want.append((wrap(plain) * 1_000_003 + wrap(weighted)) % (2**61 - 1))
+    assert tensor_checksums(bucket, flat, chunk=999) == tensor_checksums(bucket, flat) == want

@@ -82,6 +82,8 @@ def unpack(bucket: Bucket, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]
 
 
 CHECKSUM_CHUNK = 1 << 22  # elements per pass: ~100 MB of int64 temporaries at most, wherever it runs
+CHECKSUM_PERIOD = 65521  # the position weights are (position + 1) mod this prime
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
 
 def tensor_checksums(bucket: Bucket, flat: torch.Tensor, chunk: int = CHECKSUM_CHUNK) -> list[int]:
@@ -95,8 +97,12 @@ def tensor_checksums(bucket: Bucket, flat: torch.Tensor, chunk: int = CHECKSUM_C
     The pass runs `chunk` elements at a time: a whole tensor at once takes 24 bytes of int64
     temporaries per element (the words, the weights, their product), inside the vLLM process on a
     GPU. The int64 sums wrap modulo 2**64 the same way whether taken whole or chunk by chunk, so the
-    result does not depend on `chunk`.
+    result does not depend on `chunk`. The position weights repeat with period 65521, so one table of
+    chunk + 65521 of them, kept per device, serves every chunk as a slice: computing them per chunk (an
+    int64 modulo per element) cost more than the rest of the pass.
     """
+    longest = min(chunk, max((m.numel for m in bucket.params), default=0))
+    table = _position_weights(flat.device, longest + CHECKSUM_PERIOD)
     out = []
     for meta, offset in zip(bucket.params, bucket.offsets):
         values = flat[offset : offset + meta.numel]
@@ -104,11 +110,19 @@ def tensor_checksums(bucket: Bucket, flat: torch.Tensor, chunk: int = CHECKSUM_C
         weighted = torch.zeros((), dtype=torch.int64, device=flat.device)
         for start in range(0, meta.numel, chunk):
             words = _as_words(values[start : start + chunk])
-            weights = torch.arange(start + 1, start + words.numel() + 1, dtype=torch.int64, device=words.device) % 65521
+            phase = start % CHECKSUM_PERIOD
             plain += words.sum()
-            weighted += (words * weights).sum()
+            weighted += (words * table[phase : phase + words.numel()]).sum()
         out.append((int(plain) * 1_000_003 + int(weighted)) % (2**61 - 1))
     return out
+
+
+def _position_weights(device: torch.device, length: int) -> torch.Tensor:
+    """At least `length` of (i + 1) % 65521, i = 0, 1, ...: position start + i weighs entry start % 65521 + i."""
+    table = _WEIGHTS.get(device)
+    if table is None or table.numel() < length:
+        table = _WEIGHTS[device] = torch.arange(1, length + 1, dtype=torch.int64, device=device) % CHECKSUM_PERIOD
+    return table
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor:
