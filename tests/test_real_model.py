@@ -39,8 +39,8 @@ def test_grpo_on_smollm2_lifts_held_out_accuracy_keeps_the_generator_in_sync_and
 
     seen: list[tuple[str, list[int], str]] = []
 
-    def record(prompts, completions, completion_ids, **kwargs):  # scores nothing: it only looks (the config's
-        seen.extend(zip(prompts, completion_ids, completions))  # math_answer scores)
+    def record(prompts, completions, completion_ids, **kwargs):  # scores nothing (the config's math_answer does)
+        seen.extend(zip(prompts, completion_ids, completions))
         return [0.0] * len(completions)
 
     steps = 4
