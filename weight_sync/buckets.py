@@ -98,8 +98,8 @@ def tensor_checksums(bucket: Bucket, flat: torch.Tensor, chunk: int = CHECKSUM_C
     temporaries per element (the words, the weights, their product), inside the vLLM process on a
     GPU. The int64 sums wrap modulo 2**64 the same way whether taken whole or chunk by chunk, so the
     result does not depend on `chunk`. The position weights repeat with period 65521, so one table of
-    chunk + 65521 of them, kept per device, serves every chunk as a slice: computing them per chunk (an
-    int64 modulo per element) cost more than the rest of the pass.
+    up to chunk + 65521 of them, kept per device and grown as needed, serves every chunk as a slice:
+    computing them per chunk (an int64 modulo per element) cost more than the rest of the pass.
     """
     longest = min(chunk, max((m.numel for m in bucket.params), default=0))
     table = _position_weights(flat.device, longest + CHECKSUM_PERIOD)
